@@ -1,0 +1,72 @@
+"""The `finetune` command line. Each verb lives in finetune/commands/<verb>.py and imports heavy packages
+(torch, transformers, gradio) only inside its `run`, so `--help` and config validation stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+# verb -> module exposing HELP, add_arguments(parser) and run(args) -> int
+COMMANDS: dict[str, str] = {
+    "train": "finetune.commands.train",
+    "config": "finetune.commands.config",
+    "data": "finetune.commands.data",
+    "eval": "finetune.commands.eval",
+    "merge": "finetune.commands.merge",
+    "check": "finetune.commands.check",
+    "export": "finetune.commands.export",
+    "publish": "finetune.commands.publish",
+    "adapters": "finetune.commands.adapters",
+    "demo": "finetune.commands.demo",
+    "import-gguf": "finetune.commands.import_gguf",
+    "quickstart": "finetune.commands.quickstart",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from finetune import __version__
+
+    parser = argparse.ArgumentParser(prog="finetune", description="LoRA fine-tuning of Hugging Face models from one YAML job.")
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for verb, module_name in COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(verb, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from finetune.config.errors import ConfigError
+    from finetune.errors import FinetuneError
+
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(exc.format(), file=sys.stderr)
+        return exc.exit_code
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        # Without this the process can hang on exit under accelerate launch (open gloo groups).
+        if "torch" in sys.modules and os.environ.get("FINETUNE_KEEP_PG") is None:
+            _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,34 @@
+"""Config problems: each one says where (file, line, dotted path), what is wrong, and how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str  # dotted path of the field, e.g. "lora.r"
+    message: str  # what is wrong and what is expected
+    line: int | None = None  # 1-based line in the YAML file, when the key is there
+    hint: str | None = None  # how to fix it, e.g. "did you mean 'lora.r'?"
+
+    def format(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        text = f"{where}: {self.path or '<root>'}: {self.message}"
+        return f"{text}\n    hint: {self.hint}" if self.hint else text
+
+
+class ConfigError(Exception):
+    """Every problem found in a job config, reported together (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[ConfigProblem]):
+        self.source = source
+        self.problems = problems
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source}: {n} problem{'s' if n != 1 else ''} in the config"
+        return "\n".join([head, *("  " + p.format(self.source).replace("\n", "\n  ") for p in self.problems)])

@@ -1,0 +1,32 @@
+"""The config reference in Markdown, generated from the field descriptions (the README embeds it)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from finetune.config.job import JobConfig
+
+
+def markdown_reference() -> str:
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    lines += _rows(JobConfig, "")
+    return "\n".join(lines) + "\n"
+
+
+def _rows(cls: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in cls.model_fields.items():
+        dotted = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += _rows(ann, dotted + ".")
+            continue
+        if field.default is PydanticUndefined and field.default_factory is None:
+            default = "required"
+        else:
+            default = f"`{field.get_default(call_default_factory=True)!r}`"
+        type_name = str(ann).replace("typing.", "").replace("|", "or").replace("<class '", "").replace("'>", "")
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{dotted}` | {type_name.replace('|', 'or')} | {default} | {desc} |")
+    return rows

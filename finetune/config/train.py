@@ -1,0 +1,26 @@
+"""`train:` the optimisation loop (accelerate), its schedule and precision."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from finetune.config.base import Section
+
+
+class TrainConfig(Section):
+    seed: int = Field(default=42, description="Seed for weights init, dropout and data order.")
+    epochs: float = Field(default=1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass on each process.")
+    gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate of AdamW.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(default="cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps spent warming up linearly.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip the global grad norm; null disables.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="Autocast precision. auto: bf16 where the hardware supports it, else fp32."
+    )
+    log_every: int = Field(default=1, ge=1, description="Write a metrics line every N optimizer steps.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+

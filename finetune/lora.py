@@ -1,0 +1,62 @@
+"""Wrap the base model with a peft LoRA adapter and report what is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from finetune.config.lora import LoraConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    trainable: int
+    total: int
+    wrapped: int  # number of linear layers carrying LoRA
+    formula: int  # sum of r*(d+k) over wrapped d x k weights
+
+    def describe(self, r: int) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        return (
+            f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; "
+            f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
+        )
+
+
+def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm") -> nn.Module:
+    """peft LoRA on the frozen base; QLoRA bases get peft's k-bit preparation (fp32 norms, input grads)."""
+    if not cfg.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_cfg = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        modules_to_save=cfg.modules_to_save or None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    wrapped, formula = 0, 0
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or "default" not in lora_a:
+            continue
+        a, b = lora_a["default"].weight, module.lora_B["default"].weight  # A: r x k, B: d x r
+        wrapped += 1
+        formula += a.shape[0] * (a.shape[1] + b.shape[0])
+    return ParamReport(trainable, total, wrapped, formula)

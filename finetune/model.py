@@ -1,0 +1,159 @@
+"""Load the tokenizer and the base weights from one source, and check that they fit each other and the task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.config.lora import LoraConfig
+from finetune.config.model import ModelConfig
+from finetune.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where tokenizer and weights come from: `folder` is local; `ref` is what we record (hub id or absolute path)."""
+
+    folder: str
+    ref: str
+    revision: str | None = None
+
+
+def resolve_source(cfg: ModelConfig) -> Source:
+    """A local folder becomes an absolute path; anything else is a hub id looked up in the local cache when offline."""
+    if cfg.gguf_file:
+        from finetune.gguf_import import gguf_source
+
+        return gguf_source(cfg)
+    path = Path(cfg.name_or_path).expanduser()
+    if path.is_dir():
+        return Source(str(path.resolve()), str(path.resolve()))
+    if cfg.name_or_path.startswith((".", "/", "~")) or path.suffix:
+        raise ModelError(f"model.name_or_path: folder not found: {path.resolve()}")
+    return Source(_hub_snapshot(cfg.name_or_path, cfg.revision), cfg.name_or_path, cfg.revision)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types; all mean "not available"
+        raise ModelError(
+            f"model.name_or_path: cannot get '{repo_id}' (revision {revision or 'main'}) from the hub or the local "
+            f"cache: {type(exc).__name__}: {exc}\n  Offline? Download it once where the hub is reachable "
+            f"(`hf download {repo_id}`), or point model.name_or_path at a local folder."
+        ) from None
+
+
+def load_tokenizer(source: Source, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    # AutoTokenizer, not a concrete class: a concrete fast class on a custom tokenizer silently gave other ids.
+    tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template:
+        tok.chat_template = read_chat_template(cfg.chat_template)
+    set_pad_token(tok)
+    return tok
+
+
+def read_chat_template(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    if path.suffix == ".jinja" and path.is_file():
+        return path.read_text(encoding="utf-8")
+    builtin = TEMPLATES_DIR / f"{name_or_path}.jinja"
+    if builtin.is_file():
+        return builtin.read_text(encoding="utf-8")
+    names = sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+    raise ModelError(f"model.chat_template: '{name_or_path}' is neither a .jinja file nor a built-in ({', '.join(names)})")
+
+
+def set_pad_token(tok: PreTrainedTokenizerBase) -> str:
+    """Give the tokenizer a pad token that is not EOS where one exists.
+
+    Padding never decides the labels here (the collator masks by length), so even pad == eos keeps the EOS that ends
+    each example in the loss; a distinct pad id is still preferred because other tools mask by `input_ids == pad`.
+    """
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return "kept"
+    if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+        tok.pad_token = tok.unk_token
+        return "unk"
+    if tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+        return "eos"
+    raise ModelError("the tokenizer has neither a pad, an unk nor an eos token; add one to its tokenizer_config.json")
+
+
+def model_kwargs(cfg: ModelConfig, lora: LoraConfig | None) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, cfg.dtype)
+    elif not torch.cuda.is_available():
+        kwargs["dtype"] = torch.float32  # CPU: keep LoRA math exact; bf16 comes from autocast
+    if cfg.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if lora is not None and lora.quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(lora.quantization)
+    return kwargs
+
+
+def _bnb_config(quantization: str) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+
+
+def load_base_model(
+    source: Source, cfg: ModelConfig, task: str, lora: LoraConfig | None = None, labels: list[str] | None = None
+) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = model_kwargs(cfg, lora)
+    try:
+        if task == "classification":
+            labels = labels or ["0", "1"]
+            kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+            return AutoModelForSequenceClassification.from_pretrained(source.folder, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model weights from {source.ref}: {exc}") from None
+
+
+def check_pair(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: Source, task: str) -> None:
+    """Fail early, naming both, when the tokenizer can produce ids the model has no embedding row for."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        raise ModelError(
+            f"tokenizer and model do not fit: the tokenizer from {source.ref} has {len(tok)} tokens but the model "
+            f"from {source.ref} has only {rows} embedding rows. Use the tokenizer that was trained with this model."
+        )
+    if task == "causal_lm" and tok.eos_token_id is None:
+        raise ModelError(f"the tokenizer from {source.ref} has no eos token: a causal LM could never learn to stop.")
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id  # the classifier finds each row's last real token by pad id
+
+
+def load_model(
+    cfg: ModelConfig, task: str = "causal_lm", lora: LoraConfig | None = None, labels: list[str] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Source]:
+    """Tokenizer and weights from the same resolved folder, checked against each other."""
+    source = resolve_source(cfg)
+    tok = load_tokenizer(source, cfg)
+    model = load_base_model(source, cfg, task, lora, labels)
+    check_pair(model, tok, source, task)
+    return model, tok, source

@@ -1,0 +1,42 @@
+"""How a prompt becomes tokens: one function shared by training, eval and the demo, so inference sees exactly
+the rendering that training saw (the "chat template lost between training and inference" bug)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+Messages = list[dict[str, Any]]
+
+
+def uses_chat_template(tok: PreTrainedTokenizerBase, policy: str = "auto") -> bool:
+    """policy is data.use_chat_template: auto (when the tokenizer has one), always, never."""
+    if policy == "always":
+        return True
+    return policy == "auto" and bool(getattr(tok, "chat_template", None))
+
+
+def chat_ids(tok: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+    return list(ids)
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str | Messages, chat: bool) -> list[int]:
+    """Token ids of a prompt ready for generation: chat messages (or a string as one user turn) through the chat
+    template with the generation prompt; otherwise the plain text with the tokenizer's special tokens."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return chat_ids(tok, messages, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise TypeError("a plain-text model takes a string prompt")
+    return list(tok(prompt)["input_ids"])
+
+
+def stop_token_ids(tok: PreTrainedTokenizerBase, generation_config: Any = None) -> list[int]:
+    """EOS plus any end-of-turn ids the checkpoint's generation config names."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(ids)
