@@ -1,0 +1,99 @@
+"""Read an adapter folder written by `finetune train`: its metadata (no torch needed) or base + adapter loaded.
+
+Eval, merge, export, publish and the demo all load adapters through here, so they see the same base, tokenizer
+and chat template that training used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from finetune.config import JobConfig
+    from finetune.model import Source
+
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class AdapterInfo:
+    folder: Path
+    adapter_config: dict[str, Any]
+    run: dict[str, Any] = field(default_factory=dict)  # run.json, {} when absent
+    job: JobConfig | None = None  # finetune.yaml, None for adapters trained elsewhere
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def base(self) -> str:
+        return str(self.adapter_config.get("base_model_name_or_path") or "")
+
+    @property
+    def task(self) -> str:
+        if self.job is not None:
+            return self.job.task
+        return "classification" if self.adapter_config.get("task_type") == "SEQ_CLS" else "causal_lm"
+
+    @property
+    def chat(self) -> bool:
+        """Whether prompts go through the chat template (as recorded at training time)."""
+        return bool(self.run.get("data", {}).get("chat_template", False))
+
+
+def read_adapter(folder: str | Path) -> AdapterInfo:
+    """Metadata only: adapter_config.json, run.json and finetune.yaml. Fails clearly on a folder that is no adapter."""
+    from finetune.config import load_config
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FinetuneError(f"adapter folder not found: {folder.resolve()}")
+    missing = [n for n in REQUIRED_FILES if not (folder / n).is_file()]
+    if missing:
+        raise FinetuneError(f"{folder}: not an adapter folder, missing {', '.join(missing)}")
+    info = AdapterInfo(folder.resolve(), json.loads((folder / "adapter_config.json").read_text()))
+    if (folder / "run.json").is_file():
+        info.run = json.loads((folder / "run.json").read_text())
+    if (folder / "finetune.yaml").is_file():
+        info.job = load_config(folder / "finetune.yaml")  # data files need not exist any more
+    return info
+
+
+def base_source(info: AdapterInfo, base: str | None = None) -> tuple[Source, Any]:
+    """The base checkpoint the adapter was trained on (or `base`, e.g. a local copy), with its model config."""
+    from finetune.config.model import ModelConfig
+    from finetune.model import resolve_source
+
+    if info.job is not None:
+        model_cfg = info.job.model.model_copy(update={"name_or_path": base} if base else {})
+        if base:
+            model_cfg = model_cfg.model_copy(update={"gguf_file": None})
+    else:
+        model_cfg = ModelConfig(name_or_path=base or info.base)
+    return resolve_source(model_cfg), model_cfg
+
+
+def load_adapter(folder: str | Path, base: str | None = None, quantized: bool = False) -> tuple[Any, Any, AdapterInfo]:
+    """(PeftModel in eval mode, tokenizer saved with the adapter, info). The base loads unquantized unless asked."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from finetune.model import check_pair, load_base_model, set_pad_token
+
+    info = read_adapter(folder)
+    source, model_cfg = base_source(info, base)
+    tok = AutoTokenizer.from_pretrained(str(info.folder))
+    set_pad_token(tok)
+    lora_cfg = info.job.lora if (info.job is not None and quantized) else None
+    labels = info.run.get("labels")
+    model = load_base_model(source, model_cfg, info.task, lora_cfg, labels)
+    check_pair(model, tok, source, info.task)
+    model = PeftModel.from_pretrained(model, str(info.folder))
+    model.eval()
+    return model, tok, info
