@@ -1,0 +1,35 @@
+"""Metrics shipped as `evaluate` modules inside the package and loaded by path: `evaluate.load("accuracy")` fetches
+its script from the hub and fails offline, a path does not.
+
+Each module is one file here; `_text.py` holds the text normalisation they share (imported absolutely, which
+`evaluate` treats as an installed library).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+METRICS_DIR = Path(__file__).parent
+GENERATION = ("exact_match", "token_f1", "rouge_l", "chrf")
+CLASSIFICATION = ("accuracy", "macro_f1", "confusion_matrix")
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in METRICS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def metric_path(name: str) -> Path:
+    path = METRICS_DIR / f"{name}.py"
+    if name.startswith("_") or not path.is_file():
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError(f"unknown metric '{name}'; available: {', '.join(available())}")
+    return path
+
+
+def load_metric(name: str) -> Any:
+    """The `evaluate` module of that name, loaded from this folder (works offline)."""
+    import evaluate
+
+    return evaluate.load(str(metric_path(name)))
