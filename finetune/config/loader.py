@@ -16,6 +16,15 @@ from finetune.config.job import JobConfig
 # Fields that name local files which must exist before any model is loaded.
 FILE_FIELDS = ("data.train", "data.validation")
 
+# Names other tools use for our keys: spelling distance alone would not suggest these.
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+    "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "model_name_or_path": "name_or_path", "base_model": "name_or_path", "sequence_len": "max_seq_len",
+    "max_length": "max_seq_len", "output_dir": "dir", "lr_scheduler": "schedule", "lr_scheduler_type": "schedule",
+}
+
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Parse, override and validate a job file; raises ConfigError listing every problem at once."""
@@ -75,7 +84,8 @@ def _problem_from_pydantic(err: Any, lines: dict[str, int]) -> ConfigProblem:
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+        close = [SYNONYMS[loc[-1]]] if SYNONYMS.get(loc[-1]) in allowed else []
+        close = close or difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
         prefix = ".".join(loc[:-1])
         hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else None
         msg = f"unknown key (value: {err['input']!r}). Allowed keys here: {', '.join(allowed)}"
