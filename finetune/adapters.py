@@ -61,7 +61,7 @@ def read_adapter(folder: str | Path) -> AdapterInfo:
     if (folder / "run.json").is_file():
         info.run = json.loads((folder / "run.json").read_text())
     if (folder / "finetune.yaml").is_file():
-        info.job = load_config(folder / "finetune.yaml")  # data files need not exist any more
+        info.job = load_config(folder / "finetune.yaml", check_files=False)  # data files need not exist any more
     return info
 
 

@@ -87,3 +87,21 @@ def chat_rows(n: int = 32) -> list[dict]:
                           {"role": "assistant", "content": f"{names[i % 8]} is a friend"},
                           {"role": "user", "content": "and then?"},
                           {"role": "assistant", "content": "the end"}]} for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune.testing DIR`: write a tiny model (DIR/model) and toy data (DIR/train.jsonl, DIR/val.jsonl),
+    enough to try the whole pipeline in seconds without downloading anything (configs/tiny.yaml uses .cache/tiny)."""
+    import sys
+
+    out = Path((argv if argv is not None else sys.argv[1:] or [".cache/tiny"])[0])
+    if not (out / "model" / "config.json").is_file():
+        make_causal_lm(out / "model")
+    write_jsonl(out / "train.jsonl", qa_rows(64))
+    write_jsonl(out / "val.jsonl", qa_rows(8))
+    print(f"tiny model and data in {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,15 +26,19 @@ SYNONYMS = {
 }
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Parse, override and validate a job file; raises ConfigError listing every problem at once."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> JobConfig:
+    """Parse, override and validate a job file; raises ConfigError listing every problem at once.
+
+    check_files=False skips the data-file existence check (for reading the config saved with an adapter)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [ConfigProblem("", f"config file not found: {path.resolve()}")])
-    return load_config_text(path.read_text(encoding="utf-8"), str(path), overrides)
+    return load_config_text(path.read_text(encoding="utf-8"), str(path), overrides, check_files)
 
 
-def load_config_text(text: str, source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+def load_config_text(
+    text: str, source: str = "<config>", overrides: list[str] | tuple[str, ...] = (), check_files: bool = True
+) -> JobConfig:
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -52,7 +56,8 @@ def load_config_text(text: str, source: str = "<config>", overrides: list[str] |
         cfg = JobConfig.model_validate(raw)
     except ValidationError as exc:
         problems += [_problem_from_pydantic(e, lines) for e in exc.errors()]
-    problems += _missing_files(raw, lines)
+    if check_files:
+        problems += _missing_files(raw, lines)
     if problems:
         raise ConfigError(source, problems)
     assert cfg is not None
