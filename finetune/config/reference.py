@@ -26,7 +26,18 @@ def _rows(cls: type[BaseModel], prefix: str) -> list[str]:
             default = "required"
         else:
             default = f"`{field.get_default(call_default_factory=True)!r}`"
-        type_name = str(ann).replace("typing.", "").replace("|", "or").replace("<class '", "").replace("'>", "")
         desc = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{dotted}` | {type_name.replace('|', 'or')} | {default} | {desc} |")
+        rows.append(f"| `{dotted}` | {_type_name(ann)} | {default} | {desc} |")
     return rows
+
+
+def _type_name(ann: object) -> str:
+    """Readable type: `a` / `b` for a Literal, `int or null` for an Optional, module paths dropped."""
+    import re
+    import typing
+
+    if typing.get_origin(ann) is typing.Literal:
+        return " / ".join(f"`{a}`" for a in typing.get_args(ann))
+    text = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("None", "null")
+    text = re.sub(r"\b[\w.]+\.(\w+)", r"\1", text)
+    return re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace("'", "").replace(", ", "/"), text).replace(" | ", " or ")
