@@ -109,7 +109,7 @@ def _reference_model(info: AdapterInfo, base: str | None) -> tuple[Any, Any, boo
     quantized = lora_cfg is not None and lora_cfg.quantization != "none"
     tok = AutoTokenizer.from_pretrained(str(info.folder))
     set_pad_token(tok)
-    model = load_base_model(source, model_cfg, info.task, lora_cfg if quantized else None, info.run.get("labels"))
+    model: Any = load_base_model(source, model_cfg, info.task, lora_cfg if quantized else None, info.run.get("labels"))
     if quantized:
         model = model.dequantize()  # the nf4/int8 values the adapter saw, as plain float Linear layers
     model = model.to(torch.float32)
@@ -131,10 +131,11 @@ def probe_ids(info: AdapterInfo, tok: Any, prompts: list[str] | None = None) -> 
 
 def _training_prompts(info: AdapterInfo, n: int) -> list[Any]:
     """A few in-domain prompts from the training file, where the adapter matters most (skipped if it is gone)."""
-    if info.job is None or not Path(info.job.data.train).is_file():
+    train = info.job.data.train if info.job is not None else None
+    if not isinstance(train, str) or not train.endswith(".jsonl") or not Path(train).is_file():
         return []
     found: list[Any] = []
-    with open(info.job.data.train, encoding="utf-8") as fh:
+    with open(train, encoding="utf-8") as fh:
         for line in fh:
             if len(found) >= n:
                 break
@@ -211,7 +212,7 @@ def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: 
             got = merged(input_ids=torch.tensor([ids])).logits[0].float()
             diff = max(diff, float((got - ref.logits[i]).abs().max()))
             if info.task != "causal_lm":
-                identical += 1 if bool((got[-1].argmax() == ref.logits[i][-1].argmax())) else 0
+                identical += int(bool(got[-1].argmax() == ref.logits[i][-1].argmax()))
                 continue
             seq, _ = _greedy(merged, tok, torch.tensor([ids]))
             verdict = _compare_greedy(ref.greedy[i], seq, ref.margins[i], tol)
@@ -219,7 +220,7 @@ def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: 
             ties += verdict == "tie"
             if verdict == "different":
                 bad.append(i)
-    effect = max(float((a - b).abs().max()) for a, b in zip(ref.logits, ref.base_logits))
+    effect = max(float((a - b).abs().max()) for a, b in zip(ref.logits, ref.base_logits, strict=True))
     report = MergeReport(str(folder), dtype, False, len(probes), diff, tol, effect, identical, ties)
     if not diff <= tol or bad:
         raise VerificationError(
@@ -232,7 +233,7 @@ def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: 
 
 def _compare_greedy(want: list[int], got: list[int], margins: list[float], tol: float) -> str:
     """same; tie when the first divergence is at a step whose top-2 logits were closer than 2*tol; else different."""
-    for step, (a, b) in enumerate(zip(want, got)):
+    for step, (a, b) in enumerate(zip(want, got, strict=False)):
         if a != b:
             return "tie" if margins[step] <= 2 * tol else "different"
     return "same" if len(want) == len(got) else "different"
