@@ -15,7 +15,8 @@ def run_train(cfg: JobConfig) -> Path:
     from finetune import data, lora, model, save, train
 
     save.check_output_free(cfg)
-    accelerator = train.make_accelerator(cfg.train)
+    work = work_dir(cfg)
+    accelerator = train.make_accelerator(cfg.train, work)
     say = accelerator.print
     say(_redacted(dump_config(cfg, comments=False)))
     set_seed(cfg.train.seed)
@@ -31,14 +32,13 @@ def run_train(cfg: JobConfig) -> Path:
         model.check_pair(base, tokenizer, source, cfg.task)
         net = lora.wrap_lora(base, cfg.lora, cfg.task)
     say(lora.param_report(net).describe(cfg.lora.r))
-    work = work_dir(cfg)
     with _timed(timings, "train_s"):
-        result = train.train(net, bundle, cfg.train, accelerator, work)
+        result = train.train(net, bundle, cfg.train, accelerator, work, cfg.model_dump())
     with _timed(timings, "save_s"):
         request = save.SaveRequest(cfg, source, _run_info(cfg, bundle, result, timings, accelerator, net), _probe(bundle), bundle.labels)
-        folder = save.save_adapter(net, tokenizer, request, accelerator)
+        folder = save.save_adapter(result.model or net, tokenizer, request, accelerator)
     if accelerator.is_main_process:
-        _copy_logs(work, folder)
+        _copy_logs(work, folder, cfg.train.plot)
     say(f"adapter saved and verified: {folder.resolve()}")
     return folder
 
@@ -74,12 +74,16 @@ def _run_info(cfg: JobConfig, bundle: Any, result: Any, timings: dict[str, float
     }
 
 
-def _copy_logs(work: Path, folder: Path) -> None:
+def _copy_logs(work: Path, folder: Path, plot: bool) -> None:
     import shutil
 
-    for name in ("metrics.jsonl",):
+    from finetune.trackers import plot_losses
+
+    for name in ("metrics.jsonl", "profile.txt"):
         if (work / name).exists():
             shutil.copy2(work / name, folder / name)
+    if plot:
+        plot_losses(work / "metrics.jsonl", folder / "loss.png")
 
 
 class _timed:

@@ -1,18 +1,25 @@
-"""The training loop on accelerate: we own it (no transformers.Trainer) so the loss normalisation is exact."""
+"""The training loop on accelerate: we own it (no transformers.Trainer) so the loss normalisation, the data order
+and resuming are exact. Process setup and data order: finetune.distributed; checkpoints: finetune.checkpoint;
+metrics and trackers: finetune.trackers."""
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
+import signal
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune import checkpoint as ckpt
 from finetune.config.train import TrainConfig
+from finetune.distributed import DataPlan, rank_share, resolve_precision, step_examples, stream_from
+from finetune.distributed import make_accelerator as _make_accelerator
 from finetune.errors import FinetuneError
+from finetune.profiling import PROFILE, StepProfiler
+from finetune.trackers import METRICS, MetricsLog, tracker_setup
 
 if TYPE_CHECKING:
     import torch
@@ -30,42 +37,25 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     eval_loss: float | None = None
     peak_memory_mb: float = 0.0
+    best_step: int | None = None
+    stopped_early: bool = False
+    resumed_from: str | None = None
+    model: Any = field(default=None, repr=False)  # as prepared by accelerate (DDP/FSDP-wrapped): what save must gather
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.steps,
                                "tokens": self.tokens}
         if self.eval_loss is not None:
             out.update(eval_loss=self.eval_loss, eval_perplexity=math.exp(min(self.eval_loss, 50)))
+        if self.best_step is not None:
+            out.update(best_step=self.best_step, stopped_early=self.stopped_early)
         return out
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=resolve_precision(cfg.precision))
-
-
-def resolve_precision(precision: str) -> str:
-    """accelerate's mixed_precision value; fp16 on CPU is refused (accelerate would silently ignore it)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if precision == "fp16" and not cuda:
-        raise FinetuneError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 (if supported) or fp32")
-    if precision == "auto":
-        if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if _cpu_bf16() else "no"
-    return {"fp32": "no"}.get(precision, precision)
-
-
-def _cpu_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def make_accelerator(cfg: TrainConfig, work: Path | None = None) -> Accelerator:
+    if cfg.trackers and work is not None:
+        tracker_setup(list(cfg.trackers), work)
+    return _make_accelerator(cfg.precision, list(cfg.trackers), str(work) if work else None)
 
 
 def loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -86,93 +76,238 @@ def target_count(batch: dict[str, Any]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Accelerator, out_dir: Path) -> TrainResult:
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import get_scheduler
-
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(data.train, batch_size=cfg.micro_batch_size, shuffle=True, collate_fn=data.collator,
-                        generator=generator, num_workers=cfg.num_workers)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader) / cfg.gradient_accumulation))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    model.train()
-    result, start = TrainResult(), time.perf_counter()
-    batches = _cycle(loader)
-    with _progress(accelerator, total) as progress, _metrics_file(accelerator, out_dir) as log:
-        for step in range(1, total + 1):
-            loss, tokens = _optimizer_step(model, [next(batches) for _ in range(cfg.gradient_accumulation)], cfg, accelerator, optimizer, scheduler)
-            if not math.isfinite(loss):
-                raise FinetuneError(f"loss is {loss} at step {step}; lower train.learning_rate or check the data")
-            result.steps, result.tokens = step, result.tokens + tokens
-            result.losses.append(loss)
-            elapsed = time.perf_counter() - start
-            row = {"step": step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0], "tokens": result.tokens,
-                   "tokens_per_s": round(result.tokens / elapsed, 1), "elapsed_s": round(elapsed, 2)}
-            if step % cfg.log_every == 0 or step == total:
-                log(row)
-            progress(step, row)
-    result.seconds = time.perf_counter() - start
-    if data.validation:
-        result.eval_loss = evaluate_loss(model, data, cfg, accelerator)
-    result.peak_memory_mb = _peak_memory_mb()
-    return result
+def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Accelerator, out_dir: Path,
+          hparams: dict[str, Any] | None = None) -> TrainResult:
+    """Train `model` in place; `out_dir` (the run's work folder) receives metrics, checkpoints and the profile."""
+    return _Loop(model, data, cfg, accelerator, out_dir, hparams or {}).run()
 
 
-def _optimizer_step(model: Any, micro: list[dict[str, Any]], cfg: TrainConfig, accelerator: Any, optimizer: Any, scheduler: Any) -> tuple[float, int]:
-    """One optimizer step over k micro-batches; each micro loss is divided by the target tokens of all k (on all
-    processes), so k x batch b gives the same gradient as one batch of k*b. DDP averages gradients over processes,
-    hence the factor num_processes."""
-    import torch
+def total_steps(cfg: TrainConfig, size: int | None, world: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    if size is None:
+        raise FinetuneError("train.max_steps is required with a streaming dataset (its length is unknown)")
+    return max(1, math.ceil(cfg.epochs * size / (cfg.micro_batch_size * cfg.gradient_accumulation * world)))
 
-    local = sum(target_count(b) for b in micro)
-    total = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum").item())
-    scale = accelerator.num_processes / max(total, 1)
-    running = 0.0
-    for i, batch in enumerate(micro):
-        sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
-        with sync, accelerator.autocast():
-            loss = loss_sum(model, batch) * scale
-        accelerator.backward(loss)
-        running += loss.detach().item()
-    if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    mean = accelerator.reduce(torch.tensor(running, device=accelerator.device), reduction="sum").item() / accelerator.num_processes
-    return mean, total
+
+def setup_model(model: Any, cfg: TrainConfig) -> None:
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing gives gradients to LoRA weights even though the frozen inputs need none.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+
+
+class _Loop:
+    def __init__(self, model: Any, data: Any, cfg: TrainConfig, acc: Any, work: Path, hparams: dict[str, Any]):
+        import torch
+        from transformers import get_scheduler
+
+        self.cfg, self.acc, self.data, self.work = cfg, acc, data, work
+        setup_model(model, cfg)
+        sized = hasattr(data.train, "__len__") and hasattr(data.train, "__getitem__")
+        self.plan = DataPlan(len(data.train) if sized else None, cfg.seed)
+        self.total = total_steps(cfg, self.plan.size, acc.num_processes)
+        self.per_step = cfg.micro_batch_size * cfg.gradient_accumulation * acc.num_processes
+        self.state = ckpt.LoopState(micro_batch_size=cfg.micro_batch_size, gradient_accumulation=cfg.gradient_accumulation)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # Not passed to accelerate.prepare: its wrapper steps the schedule once per process, so 2 processes would
+        # decay the learning rate twice as fast as 1.
+        self.scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * self.total),
+                                       num_training_steps=self.total)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.inner = acc.unwrap_model(self.model)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.best: dict[str, Any] | None = None
+        self.ckpt_dir = work / "checkpoints"
+        self.resumed = self._resume()
+        if self.resumed is None and acc.is_main_process:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # a fresh run must not mix with an old run's checkpoints
+        self.log = MetricsLog(acc, work, work.name, hparams, list(cfg.trackers))
+        self.stream = None if sized else stream_from(data.train, self.plan.cursor)
+
+    def _resume(self) -> Path | None:
+        path = ckpt.find_resume(self.cfg.resume, self.ckpt_dir)
+        if path is None:
+            return None
+        self.state, self.best = ckpt.load_checkpoint(path, self.inner, self.optimizer, self.scheduler)
+        self.plan.cursor = self.state.cursor
+        self.acc.print(f"resumed from {path} at step {self.state.step} (example {self.state.cursor})")
+        return path
+
+    def run(self) -> TrainResult:
+        result, start = TrainResult(resumed_from=str(self.resumed) if self.resumed else None), time.perf_counter()
+        self.log.start(self.state.step if self.resumed else None)
+        profiler = StepProfiler(self.cfg.profile_steps, self.work / PROFILE, self.acc.is_main_process, self.state.step + 1)
+        self.model.train()
+        with _progress(self.acc, self.total, self.state.step) as progress, _StopSignal() as stop:
+            while self.state.step < self.total:
+                row = self._step(start)
+                progress(self.state.step, row)
+                profiler.step_done(self.state.step)
+                early = self._maybe_evaluate(row)
+                if self._log_due() or "eval_loss" in row:
+                    self.log.log(row)
+                if self._stop_requested(stop):
+                    path = self._checkpoint()
+                    raise FinetuneError(f"interrupted at step {self.state.step}: checkpoint saved to {path}; resume with "
+                                        "train.resume=auto (same job file)")
+                if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
+                    self._checkpoint()
+                if early:
+                    result.stopped_early = True
+                    self.acc.print(f"early stopping at step {self.state.step}: no better eval loss in "
+                                   f"{self.cfg.early_stopping_patience} evaluations (best at step {self.state.best_step})")
+                    break
+        profiler.finish()
+        self._finish(result, start)
+        return result
+
+    def _step(self, start: float) -> dict[str, Any]:
+        rows = step_examples(self.data.train, self.plan, self.stream, self.per_step)
+        step = self.state.step + 1
+        loss, tokens = self._optimizer_step_with_oom_retry(rows, step)
+        s = self.state
+        s.step, s.cursor, s.tokens = step, self.plan.cursor, s.tokens + tokens
+        s.losses.append(loss)
+        elapsed = time.perf_counter() - start
+        return {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": s.tokens,
+                "tokens_per_s": round(s.tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
+
+    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int]:
+        import torch
+
+        while True:
+            try:
+                return self._optimizer_step(rows, step)
+            except torch.OutOfMemoryError:
+                self._halve_micro_batch(step)
+
+    def _halve_micro_batch(self, step: int) -> None:
+        """Same effective batch, half the activation memory: the step is retried on the same examples."""
+        import torch
+
+        s = self.state
+        if not self.cfg.oom_retry or s.micro_batch_size == 1 or self.acc.num_processes > 1:
+            raise FinetuneError(f"out of memory at step {step} with micro_batch_size={s.micro_batch_size}: lower "
+                                "train.micro_batch_size (raise gradient_accumulation to keep the effective batch), "
+                                "or set train.gradient_checkpointing=true")
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        s.micro_batch_size, s.gradient_accumulation = math.ceil(s.micro_batch_size / 2), s.gradient_accumulation * 2
+        self.acc.print(f"out of memory at step {step}: micro_batch_size -> {s.micro_batch_size}, gradient_accumulation"
+                       f" -> {s.gradient_accumulation} (same effective batch); retrying the step")
+
+    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int]:
+        """One optimizer step over this rank's micro-batches; each micro loss is divided by the target tokens of the
+        whole step on all processes, so w processes x k micro-batches of b give the gradient of one batch of w*k*b.
+        DDP averages gradients over processes, hence the factor num_processes."""
+        import torch
+
+        acc, s = self.acc, self.state
+        micro = [self.data.collator(m) for m in rank_share(rows, s.micro_batch_size, s.gradient_accumulation,
+                                                              acc.process_index, acc.num_processes) if m]
+        local = sum(target_count(b) for b in micro)
+        total = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
+        scale = acc.num_processes / max(total, 1)
+        running = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                loss = loss_sum(self.model, batch) * scale
+            acc.backward(loss)
+            running += loss.detach()
+        mean = float(acc.reduce(running, reduction="sum").item()) / acc.num_processes
+        if not math.isfinite(mean):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = ckpt.list_checkpoints(self.ckpt_dir)
+            raise FinetuneError(f"loss is {mean} at step {step}; the weights were not updated. Last good checkpoint: "
+                                f"{last[-1] if last else 'none'}. Lower train.learning_rate, use fp32/bf16, or check the data.")
+        if self.cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean, total
+
+    def _log_due(self) -> bool:
+        return self.state.step % self.cfg.log_every == 0 or self.state.step == self.total
+
+    def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
+        """Evaluate when due; returns True when early stopping says stop."""
+        every = self.cfg.eval_every
+        if not (every and self.data.validation and self.state.step % every == 0):
+            return False
+        self._record_eval(row)
+        patience = self.cfg.early_stopping_patience
+        return bool(patience and self.state.bad_evals >= patience)
+
+    def _record_eval(self, row: dict[str, Any]) -> None:
+        loss = evaluate_loss(self.inner, self.data, self.cfg, self.acc)
+        s = self.state
+        row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
+        s.evals.append({"step": s.step, "eval_loss": loss})
+        if s.best_loss is None or loss < s.best_loss:
+            s.best_loss, s.best_step, s.bad_evals = loss, s.step, 0
+            self.best = ckpt.trainable_state(self.inner) if self.cfg.keep_best else None
+        else:
+            s.bad_evals += 1
+
+    def _stop_requested(self, stop: _StopSignal) -> bool:
+        """A signal may reach only some processes; all must agree to stop at the same step."""
+        import torch
+
+        flag = torch.tensor(1.0 if stop.received else 0.0, device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    def _checkpoint(self) -> Path:
+        path = self.ckpt_dir / f"step-{self.state.step:08d}"
+        if self.acc.is_main_process:
+            ckpt.save_checkpoint(self.ckpt_dir, self.inner, self.optimizer, self.scheduler, self.state, self.best,
+                                 self.cfg.keep_last)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _finish(self, result: TrainResult, start: float) -> None:
+        s = self.state
+        if self.data.validation and (not s.evals or s.evals[-1]["step"] != s.step):
+            row = {"step": s.step}
+            self._record_eval(row)
+            self.log.log(row)
+        if self.cfg.keep_best and self.best is not None and s.best_step != s.step:
+            ckpt.load_trainable(self.inner, self.best)
+            self.acc.print(f"keeping the best adapter: step {s.best_step} (eval loss {s.best_loss:.4f})")
+        self.log.close()
+        result.steps, result.tokens, result.losses, result.model = s.step, s.tokens, list(s.losses), self.model
+        result.eval_loss, result.best_step = s.best_loss, s.best_step
+        result.seconds = time.perf_counter() - start
+        result.peak_memory_mb = _peak_memory_mb()
+        self.acc.print(f"trained {s.step} steps in {result.seconds:.1f}s: {s.tokens:,} target tokens, "
+                       f"peak memory {result.peak_memory_mb:,.0f} MB")
 
 
 def evaluate_loss(model: Any, data: DataBundle, cfg: TrainConfig, accelerator: Any) -> float:
-    """Mean loss per target token over the validation set."""
+    """Mean loss per target token over the validation set; rank r evaluates examples r, r+w, ... (no repeats)."""
     import torch
-    from torch.utils.data import DataLoader
 
     assert data.validation is not None
-    loader = accelerator.prepare(DataLoader(data.validation, batch_size=cfg.micro_batch_size, collate_fn=data.collator))
+    rows = list(data.validation)[accelerator.process_index:: accelerator.num_processes]
+    was_training = model.training
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
-        for batch in loader:
+        for i in range(0, len(rows), cfg.micro_batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in data.collator(rows[i: i + cfg.micro_batch_size]).items()}
             with accelerator.autocast():
                 totals[0] += loss_sum(model, batch)
             totals[1] += target_count(batch)
-    model.train()
+    model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))
-
-
-def _cycle(loader: Any) -> Iterator[dict[str, Any]]:
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def _peak_memory_mb() -> float:
@@ -185,29 +320,33 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _metrics_file:
-    """Append one JSON line per logged step to <out_dir>/metrics.jsonl (main process only)."""
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and exits with a message."""
 
-    def __init__(self, accelerator: Any, out_dir: Path):
-        self.path = out_dir / "metrics.jsonl" if accelerator.is_main_process else None
+    received = False
 
-    def __enter__(self) -> Any:
-        if self.path is None:
-            return lambda row: None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = self.path.open("a", encoding="utf-8")
-        return lambda row: (self.f.write(json.dumps(row) + "\n"), self.f.flush())
+    def __enter__(self) -> _StopSignal:
+        self.old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for sig in self.old:
+                signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. a demo's worker): no handlers, nothing to restore
+            self.old = {}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
 
     def __exit__(self, *exc: Any) -> None:
-        if self.path is not None:
-            self.f.close()
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 class _progress:
     """A rich progress bar with step/total, loss, lr, tokens/s and ETA, on the main process only."""
 
-    def __init__(self, accelerator: Any, total: int):
-        self.enabled, self.total = accelerator.is_main_process, total
+    def __init__(self, accelerator: Any, total: int, done: int = 0):
+        self.enabled, self.total, self.done = accelerator.is_main_process, total, done
 
     def __enter__(self) -> Any:
         if not self.enabled:
@@ -215,9 +354,9 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TimeRemainingColumn(), transient=False)
+                            TextColumn("ETA"), TimeRemainingColumn(), transient=False)
         self.bar.start()
-        task = self.bar.add_task("train", total=self.total, info="")
+        task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
 
         def update(step: int, row: dict[str, Any]) -> None:
             info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
@@ -228,3 +367,6 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             self.bar.stop()
+
+
+__all__ = ["METRICS", "resolve_precision", "TrainResult", "evaluate_loss", "loss_sum", "make_accelerator", "target_count", "train"]

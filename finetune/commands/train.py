@@ -10,12 +10,22 @@ HELP = "Train a LoRA adapter from a job YAML and save it, verified, under adapte
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="The job YAML.")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=10")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="Profile N optimizer steps with torch.profiler; the top-ops table goes to profile.txt.")
 
 
 def run(args: argparse.Namespace) -> int:
     from finetune.config import load_config
 
-    cfg = load_config(args.file, args.overrides)  # every config problem surfaces before torch is imported
+    overrides = list(args.overrides) + ([f"train.profile_steps={args.profile}"] if args.profile else [])
+    cfg = load_config(args.file, overrides)  # every config problem surfaces before torch is imported
+    import sys
+
+    from finetune.distributed import maybe_relaunch
+
+    status = maybe_relaunch(sys.argv[1:])  # `accelerate launch --num_processes N` on CPU started only one process
+    if status is not None:
+        return status
     from finetune.pipeline import run_train
 
     run_train(cfg)

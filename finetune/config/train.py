@@ -24,3 +24,39 @@ class TrainConfig(Section):
     log_every: int = Field(default=1, ge=1, description="Write a metrics line every N optimizer steps.")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
 
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute."
+    )
+    compile: bool = Field(default=False, description="torch.compile the model (the first steps pay the compile time).")
+    checkpoint_every: int | None = Field(
+        default=None, ge=1, description="Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N steps."
+    )
+    keep_last: int = Field(default=2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    resume: str | None = Field(
+        default=None,
+        description="Continue an interrupted run: 'auto' picks the newest checkpoint of this run (or starts fresh when "
+        "there is none); a path picks that checkpoint folder.",
+    )
+    eval_every: int | None = Field(
+        default=None, ge=1, description="Evaluate loss and perplexity on data.validation every N steps."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many evaluations without a better validation loss."
+    )
+    keep_best: bool = Field(
+        default=True, description="With eval_every: the saved adapter is the one with the lowest validation loss."
+    )
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Extra experiment trackers (metrics.jsonl is always written). mlflow uses a local file store "
+        "under the run's work folder unless MLFLOW_TRACKING_URI is set.",
+    )
+    plot: bool = Field(default=True, description="Write loss.png (train and eval loss) into the adapter folder.")
+    profile_steps: int = Field(
+        default=0, ge=0, description="Profile this many optimizer steps with torch.profiler; writes profile.txt."
+    )
+    oom_retry: bool = Field(
+        default=True,
+        description="On a GPU out-of-memory error, halve micro_batch_size and double gradient_accumulation (same "
+        "effective batch) and retry the step.",
+    )
