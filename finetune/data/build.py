@@ -1,29 +1,43 @@
-"""Build the tokenized train/validation sets the training loop consumes."""
+"""Build the tokenized train/validation sets the training loop consumes: sources -> records -> examples -> mix ->
+hold-out -> (packing) -> tables, cached by fingerprint; or, when streaming, the same chain run lazily."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from finetune.config.data import DataConfig
-from finetune.data.collate import PadCollator
-from finetune.data.formats import IGNORE, detect_format, encode_row
-from finetune.data.sources import read_rows
+from finetune.config.data import DataConfig, SourceConfig
+from finetune.data import cache, mixing, packing
+from finetune.data.chat import check_end_of_turn
+from finetune.data.collate import PackedCollator, PadCollator
+from finetune.data.encode import Counts, Encoder
+from finetune.data.formats import MissingField, Record, detect_format, normalise
+from finetune.data.sources import (
+    BadRows,
+    iter_source,
+    normalise_sources,
+    source_columns,
+    source_fingerprint,
+    source_name,
+)
+from finetune.data.table import ExampleTable
 from finetune.errors import DataError
 from finetune.prompting import uses_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+BATCH = 1000  # records per tokenizer call
+
 
 @dataclass
 class DataBundle:
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]] | None
-    collator: PadCollator
+    train: Any  # ExampleTable (map-style), or StreamingExamples (an IterableDataset) when streaming
+    validation: Any | None
+    collator: PadCollator | PackedCollator
     fingerprint: str
     format: str
     chat: bool  # whether prompts go through the chat template (inference must do the same)
@@ -31,51 +45,160 @@ class DataBundle:
     labels: list[str] | None = None  # class names, for classification
 
 
+@dataclass
+class Plan:
+    """What was decided before any tokenization: sources with their formats, chat or not, class names."""
+
+    train: list[SourceConfig]
+    validation: list[SourceConfig]
+    format: str
+    chat: bool
+    labels: list[str] | None = None
+
+
 def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, task: str = "causal_lm") -> DataBundle:
-    rows = read_rows(cfg.train)
-    if not rows:
-        raise DataError(f"data.train: {cfg.train} holds no rows")
-    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], f"{cfg.train}: row 1")
-    chat = fmt == "chat" or uses_chat_template(tok, cfg.use_chat_template)
-    if chat and not getattr(tok, "chat_template", None):
-        raise DataError("the data needs a chat template but the tokenizer has none: set model.chat_template (e.g. chatml)")
-    stats: dict[str, Any] = {"format": fmt, "chat_template": chat}
-    train = _encode_all(tok, rows, fmt, chat, cfg, cfg.train, stats)
-    val = None
-    if cfg.validation:
-        val = _encode_all(tok, read_rows(cfg.validation), fmt, chat, cfg, cfg.validation, {})
-    _check_eos_trained(tok, train[0], cfg.train)
-    return DataBundle(train, val, PadCollator(tok.pad_token_id), fingerprint(cfg, tok), fmt, chat, stats)
+    plan = make_plan(cfg, tok, task)
+    if cfg.streaming:
+        return _streaming_bundle(cfg, tok, plan)
+    hashes = [source_fingerprint(s) for s in plan.train + plan.validation]
+    fp = cache.fingerprint(cfg, tok, task, hashes)
+    hit = cache.load(cfg, fp) if cfg.cache else None
+    if hit is not None:
+        stats = {**hit["stats"], "cache": "hit"}
+        return DataBundle(hit["train"], hit["validation"], _collator(cfg, tok), fp, plan.format, plan.chat, stats, hit["labels"])
+    train, val, stats = _materialise(cfg, tok, plan)
+    if cfg.cache:
+        cache.save(cfg, fp, train, val, {"stats": stats, "labels": plan.labels})
+    return DataBundle(train, val, _collator(cfg, tok), fp, plan.format, plan.chat, {**stats, "cache": "miss"}, plan.labels)
 
 
-def _encode_all(tok: Any, rows: list[dict[str, Any]], fmt: str, chat: bool, cfg: DataConfig, path: str, stats: dict[str, Any]) -> list[dict[str, Any]]:
-    out, truncated = [], 0
-    for i, row in enumerate(rows, 1):
-        ex = encode_row(tok, row, fmt, chat, f"{path}: row {i}")
-        if len(ex["input_ids"]) > cfg.max_seq_len:
-            truncated += 1
-            ex = {k: v[: cfg.max_seq_len] for k, v in ex.items()}
-        if any(label != IGNORE for label in ex["labels"][1:]):
-            out.append(ex)
-    if not out:
-        raise DataError(f"{path}: no example has any token to train on after formatting and truncation")
-    stats.update(rows=len(rows), examples=len(out), truncated=truncated, tokens=sum(len(e["input_ids"]) for e in out))
+def make_plan(cfg: DataConfig, tok: Any, task: str) -> Plan:
+    train = normalise_sources(cfg.train, cfg)
+    val = normalise_sources(cfg.validation, cfg)
+    if val and cfg.val_size:
+        raise DataError("data: set either validation (files) or val_size (a hold-out), not both")
+    for src in train + val:
+        if src.format == "auto":
+            _detect(src, cfg)
+    formats = sorted({s.format for s in train + val})
+    _check_task(formats, task)
+    pairs = any(f in ("prompt_completion", "instruction") for f in formats)
+    chat = "chat" in formats or (pairs and uses_chat_template(tok, cfg.use_chat_template))
+    if "chat" in formats and cfg.use_chat_template == "never" and pairs:
+        raise DataError("data: chat sources need the chat template, so the pair sources would be rendered both ways; "
+                        "remove data.use_chat_template: never")
+    return Plan(train, val, formats[0] if len(formats) == 1 else "mixed", chat)
+
+
+def _detect(src: SourceConfig, cfg: DataConfig) -> None:
+    bad = BadRows(cfg.on_bad_rows)
+    first = next(iter_source(src, bad, streaming=True), None)
+    if first is None:
+        raise DataError(f"data: {source_name(src)} holds no rows")
+    src.format = detect_format(first[0], first[1], source_columns(src))  # type: ignore[assignment]
+    print(f"data: {source_name(src)}: detected format '{src.format}' from columns {sorted(first[0])} "
+          "(set data.format to override)", file=sys.stderr)
+
+
+def _check_task(formats: list[Any], task: str) -> None:
+    if task == "classification" and formats != ["classification"]:
+        raise DataError(f"task classification needs data in the classification format (text + label), got {formats}")
+    if task != "classification" and "classification" in formats:
+        raise DataError("data in the classification format (text + label) needs task: classification")
+
+
+def records(src: SourceConfig, cfg: DataConfig, bad: BadRows, streaming: bool) -> Iterator[tuple[Record, str]]:
+    for row, where in iter_source(src, bad, streaming):
+        try:
+            yield normalise(row, src.format, source_columns(src), where, cfg.system_prompt), where
+        except MissingField as exc:
+            bad.report(str(exc))
+
+
+def encoded(pairs: Iterator[tuple[Record, str]], encoder: Encoder, counts: Counts) -> Iterator[dict[str, Any]]:
+    """Tokenize in batches of BATCH records (one tokenizer call each), lazily."""
+    while batch := list(islice(pairs, BATCH)):
+        yield from encoder.encode([r for r, _ in batch], [w for _, w in batch], counts)
+
+
+def _materialise(cfg: DataConfig, tok: Any, plan: Plan) -> tuple[ExampleTable, ExampleTable | None, dict[str, Any]]:
+    bad = BadRows(cfg.on_bad_rows)
+    rows = [list(records(s, cfg, bad, False)) for s in plan.train]
+    val_rows = [list(records(s, cfg, bad, False)) for s in plan.validation]
+    plan.labels = cfg.labels or _class_names(rows) if plan.format == "classification" else None
+    encoder = Encoder(cfg, tok, plan.chat, plan.labels)
+    counts = [Counts() for _ in rows]
+    used = [0] * len(rows)
+    streams = [encoded(iter(r), encoder, c) for r, c in zip(rows, counts, strict=True)]
+    train = list(mixing.interleave(streams, [s.weight for s in plan.train], cfg.seed, used))
+    _check_not_empty(train, plan.train, counts, bad)
+    val_counts = Counts()
+    val = [ex for r in val_rows for ex in encoded(iter(r), encoder, val_counts)]
+    if cfg.val_size:
+        train, val = mixing.split(train, cfg.val_size, cfg.seed)
+    if plan.format != "classification":
+        check_end_of_turn(tok, train[0], source_name(plan.train[0]))
+    stats = _stats(cfg, plan, counts, used, bad, encoder)
+    stats["validation_examples"] = len(val)
+    if cfg.packing:
+        train, val = _pack(cfg, train, val, stats)
+    return ExampleTable.from_examples(train), ExampleTable.from_examples(val) if val else None, stats
+
+
+def _class_names(rows: list[list[tuple[Record, str]]]) -> list[str]:
+    values = {r["label"] for src in rows for r, _ in src}
+    if all(isinstance(v, int) for v in values):
+        return [str(i) for i in range(max(values) + 1)] if values else []
+    if any(isinstance(v, int) for v in values):
+        raise DataError("data: the label column mixes numbers and names; use one kind, or list the names in data.labels")
+    return sorted(str(v) for v in values)
+
+
+def _check_not_empty(train: list[Any], sources: list[SourceConfig], counts: list[Counts], bad: BadRows) -> None:
+    if train:
+        return
+    detail = "; ".join(f"{source_name(s)}: {c.rows} rows, {c.dropped_too_long} too long, {c.dropped_no_target} "
+                       f"with nothing to train after truncation" for s, c in zip(sources, counts, strict=True))
+    raise DataError(f"data: no training example left ({detail}; {bad.count} bad rows skipped). "
+                    "Raise data.max_seq_len, use data.overlong: truncate, or check the data.")
+
+
+def _pack(cfg: DataConfig, train: list[Any], val: list[Any], stats: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+    if "label" in train[0]:
+        raise DataError("data.packing is for causal LM data; turn it off for classification")
+    rows = packing.pack(train, cfg.max_seq_len)
+    stats.update(packed_rows=len(rows), packing_efficiency=round(packing.efficiency(rows, cfg.max_seq_len), 4))
+    return rows, packing.pack(val, cfg.max_seq_len) if val else val
+
+
+def _stats(cfg: DataConfig, plan: Plan, counts: list[Counts], used: list[int], bad: BadRows, encoder: Encoder) -> dict[str, Any]:
+    total = Counts()
+    for c in counts:
+        for name in ("rows", "examples", "truncated", "dropped_too_long", "dropped_no_target", "tokens", "trained_tokens"):
+            setattr(total, name, getattr(total, name) + getattr(c, name))
+        total.lengths.update(c.lengths)
+    out: dict[str, Any] = {k: getattr(total, k) for k in ("rows", "examples", "truncated", "dropped_too_long",
+                                                          "dropped_no_target", "tokens", "trained_tokens")}
+    out.update(format=plan.format, chat_template=plan.chat, bad_rows=bad.count, max_seq_len=cfg.max_seq_len,
+               length_histogram={f"{k + 1}-{k + 64}": v for k, v in sorted(total.lengths.items())})
+    if len(counts) > 1:
+        out["sources"] = [{"source": source_name(s), "format": s.format, "weight": s.weight, "examples": c.examples,
+                           "used": u} for s, c, u in zip(plan.train, counts, used, strict=True)]
+    if encoder.chat_encoder is not None:
+        out["chat_mask"] = {"proven_rows": encoder.chat_encoder.proven, "exact_fallbacks": encoder.chat_encoder.fallbacks,
+                            "fast_path": encoder.chat_encoder.fast}
     return out
 
 
-def _check_eos_trained(tok: Any, example: dict[str, Any], path: str) -> None:
-    if tok.eos_token_id not in example["labels"]:
-        raise DataError(
-            f"{path}: the EOS token ({tok.eos_token!r}) is not among the trained tokens of the first example, so the "
-            "model would never learn to stop. The chat template must end assistant turns with EOS, or raise "
-            "data.max_seq_len if the example was truncated."
-        )
+def _collator(cfg: DataConfig, tok: Any) -> PadCollator | PackedCollator:
+    if cfg.packing:
+        return PackedCollator(tok.pad_token_id, varlen=cfg.packing_attention == "varlen")
+    return PadCollator(tok.pad_token_id)
 
 
-def fingerprint(cfg: DataConfig, tok: Any) -> str:
-    """Hash of the data files, the data config and the tokenizer: equal fingerprints mean equal token streams."""
-    h = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode())
-    for path in filter(None, [cfg.train, cfg.validation]):
-        h.update(Path(path).read_bytes())
-    h.update(json.dumps({"vocab": len(tok), "template": getattr(tok, "chat_template", None), "name": tok.name_or_path}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+def _streaming_bundle(cfg: DataConfig, tok: Any, plan: Plan) -> DataBundle:
+    from finetune.data.stream import streaming_bundle_parts
+
+    train, val, stats, labels = streaming_bundle_parts(cfg, tok, plan)
+    fp = cache.fingerprint(cfg, tok, "stream", [str(s.model_dump()) for s in plan.train + plan.validation])
+    return DataBundle(train, val, _collator(cfg, tok), fp, plan.format, plan.chat, stats, labels)

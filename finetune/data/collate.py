@@ -1,5 +1,5 @@
-"""Pad a list of examples into a batch. Labels come from each example's own mask, never from `input_ids == pad`,
-so an EOS that doubles as pad token is still trained."""
+"""Batch examples. Labels come from each example's own mask, never from `input_ids == pad`, so an EOS that doubles
+as pad token is still trained."""
 
 from __future__ import annotations
 
@@ -17,21 +17,69 @@ class PadCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        width = max(len(e["input_ids"]) for e in examples)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = _width(examples, self.pad_to_multiple_of)
         batch: dict[str, Any] = {
-            "input_ids": torch.full((len(examples), width), self.pad_id, dtype=torch.long),
+            "input_ids": _pad(examples, "input_ids", width, self.pad_id),
             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
         }
-        if "labels" in examples[0]:
-            batch["labels"] = torch.full((len(examples), width), IGNORE, dtype=torch.long)
         for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            batch["input_ids"][i, :n] = torch.tensor(e["input_ids"])
-            batch["attention_mask"][i, :n] = 1
-            if "labels" in e:
-                batch["labels"][i, :n] = torch.tensor(e["labels"])
+            batch["attention_mask"][i, : len(e["input_ids"])] = 1
+        if "labels" in examples[0]:
+            batch["labels"] = _pad(examples, "labels", width, IGNORE)
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = _pad(examples, "token_type_ids", width, 0)
         if "label" in examples[0]:
             batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         return batch
+
+
+@dataclass
+class PackedCollator:
+    """Packed rows (with `seq_lens`) -> input_ids, labels, position_ids restarting per example, and either a 4D
+    block-diagonal causal mask (block_mask: position ids alone do NOT stop cross-attention in sdpa/eager) or no
+    mask at all (varlen: flash attention finds the example boundaries from the position ids)."""
+
+    pad_id: int
+    varlen: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = _width(rows, self.pad_to_multiple_of)
+        segments = [_segments(r["seq_lens"], width) for r in rows]
+        positions = torch.tensor([[p for n in seg for p in range(n)] for seg in segments], dtype=torch.long)
+        batch: dict[str, Any] = {"input_ids": _pad(rows, "input_ids", width, self.pad_id),
+                                 "labels": _pad(rows, "labels", width, IGNORE), "position_ids": positions}
+        if not self.varlen:
+            batch["attention_mask"] = torch.stack([block_causal_mask(seg) for seg in segments])[:, None]
+        return batch
+
+
+def block_causal_mask(seq_lens: list[int]) -> Any:
+    """(L, L) bool, True where query i may attend key j: same example and j <= i."""
+    import torch
+
+    ids = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
+    same = ids[:, None] == ids[None, :]
+    return same & torch.ones_like(same).tril()
+
+
+def _segments(seq_lens: list[int], width: int) -> list[int]:
+    """The trailing padding is one more segment, so pad rows attend only to pad (no fully masked softmax rows)."""
+    pad = width - sum(seq_lens)
+    return list(seq_lens) + ([pad] if pad else [])
+
+
+def _width(examples: list[dict[str, Any]], multiple: int | None) -> int:
+    width = max(len(e["input_ids"]) for e in examples)
+    return -(-width // multiple) * multiple if multiple else width
+
+
+def _pad(examples: list[dict[str, Any]], key: str, width: int, value: int) -> Any:
+    import torch
+
+    out = torch.full((len(examples), width), value, dtype=torch.long)
+    for i, e in enumerate(examples):
+        out[i, : len(e[key])] = torch.as_tensor(e[key], dtype=torch.long)
+    return out

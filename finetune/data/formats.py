@@ -1,77 +1,148 @@
-"""Turn one row into {input_ids, labels}: the loss sees only the answer tokens and the EOS that ends them."""
+"""The dataset formats: detect one from a row, and turn each row into one of four canonical records.
+
+A registry (FORMATS) maps a format name to its normaliser; a record is a small dict:
+text {text} | pair {prompt, completion, system} | chat {messages} | cls {text, text_pair, label}.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from finetune.config.data import ColumnsConfig
+from finetune.data.chat import IGNORE, ChatEncoder
 from finetune.errors import DataError
-from finetune.prompting import chat_ids, prompt_ids
+from finetune.prompting import prompt_ids
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+Record = dict[str, Any]
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system", "tool": "tool",
+                  "function": "tool", "observation": "tool", "function_call": "assistant"}
 
-IGNORE = -100
-Example = dict[str, list[int]]
+
+class MissingField(DataError):
+    pass
 
 
-def detect_format(row: dict[str, Any], where: str) -> str:
-    if "messages" in row:
+def detect_format(row: dict[str, Any], where: str, cols: ColumnsConfig | None = None) -> str:
+    """First match wins; the order puts the most specific shapes first."""
+    cols = cols or ColumnsConfig()
+    has = {k for k, v in row.items() if v is not None}
+    if cols.messages in has or cols.conversations in has:
         return "chat"
-    if "prompt" in row and "completion" in row:
+    if cols.prompt in has and cols.completion in has:
         return "prompt_completion"
+    if cols.instruction in has and cols.output in has:
+        return "instruction"
+    if cols.text in has and cols.label in has:
+        return "classification"
+    if cols.text in has:
+        return "text"
     raise DataError(
-        f"{where}: cannot tell the data format from the columns {sorted(row)}; expected 'messages' (chat) or "
-        "'prompt' and 'completion'. Set data.format explicitly or rename the columns."
+        f"{where}: cannot tell the data format from the columns {sorted(row)}. Expected one of: "
+        f"'{cols.messages}' or '{cols.conversations}' (chat), '{cols.prompt}'+'{cols.completion}' (prompt_completion), "
+        f"'{cols.instruction}'+'{cols.output}' (instruction), '{cols.text}'+'{cols.label}' (classification), "
+        f"'{cols.text}' (text). Set data.format and data.columns to match your columns."
     )
 
 
-def encode_row(tok: PreTrainedTokenizerBase, row: dict[str, Any], fmt: str, chat: bool, where: str) -> Example:
-    if fmt == "chat":
-        return encode_chat(tok, _field(row, "messages", where), where)
-    prompt, completion = _field(row, "prompt", where), _field(row, "completion", where)
+def field(row: dict[str, Any], name: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    value = row.get(name)
+    if value is None:
+        raise MissingField(f"{where}: missing field '{name}'; the row has columns {sorted(row)} (map yours with data.columns)")
+    if not isinstance(value, kind):
+        raise MissingField(f"{where}: field '{name}' should be {_kind_name(kind)}, got {type(value).__name__}: {str(value)[:60]!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _text(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    return {"kind": "text", "text": field(row, c.text, where)}
+
+
+def _prompt_completion(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    return {"kind": "pair", "prompt": field(row, c.prompt, where), "completion": field(row, c.completion, where),
+            "system": row.get(c.system) or system}
+
+
+def _instruction(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    """Alpaca: the prompt is the instruction, then the optional input after a blank line. No extra wrapper text,
+    so a user typing the same instruction at inference gets exactly the prompt the model was trained on."""
+    prompt = field(row, c.instruction, where)
+    extra = row.get(c.input)
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
+    return {"kind": "pair", "prompt": prompt, "completion": field(row, c.output, where), "system": row.get(c.system) or system}
+
+
+def _chat(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    if row.get(c.messages) is not None:
+        messages = [_openai_message(m, where, i) for i, m in enumerate(field(row, c.messages, where, list))]
+    else:
+        messages = [_sharegpt_message(m, where, i) for i, m in enumerate(field(row, c.conversations, where, list))]
+    system = row.get(c.system) or system
+    if system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise MissingField(f"{where}: the conversation has no assistant turn, so nothing would be trained")
+    return {"kind": "chat", "messages": messages}
+
+
+def _openai_message(m: Any, where: str, i: int) -> dict[str, Any]:
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise MissingField(f"{where}: message {i} should be an object with 'role' and 'content', got {str(m)[:80]!r}")
+    return m
+
+
+def _sharegpt_message(m: Any, where: str, i: int) -> dict[str, Any]:
+    if not isinstance(m, dict) or "from" not in m or "value" not in m:
+        raise MissingField(f"{where}: turn {i} should be an object with 'from' and 'value', got {str(m)[:80]!r}")
+    role = SHAREGPT_ROLES.get(str(m["from"]).lower())
+    if role is None:
+        raise MissingField(f"{where}: turn {i} has an unknown speaker 'from': {m['from']!r}; known: {sorted(SHAREGPT_ROLES)}")
+    return {"role": role, "content": m["value"]}
+
+
+def _classification(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    label = field(row, c.label, where, (int, str))
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)  # CSV cells are strings
+    return {"kind": "cls", "text": field(row, c.text, where), "text_pair": row.get(c.text_pair), "label": label}
+
+
+Normaliser = Callable[[dict[str, Any], ColumnsConfig, str, str | None], Record]
+FORMATS: dict[str, Normaliser] = {"text": _text, "prompt_completion": _prompt_completion, "instruction": _instruction,
+                                  "chat": _chat, "classification": _classification}
+
+
+def normalise(row: dict[str, Any], fmt: str, cols: ColumnsConfig, where: str, system: str | None = None) -> Record:
+    return FORMATS[fmt](row, cols, where, system)
+
+
+# Single-row encoders: what eval and tests use to encode one row exactly as training does.
+
+
+def encode_row(tok: Any, row: dict[str, Any], fmt: str, chat: bool, where: str) -> dict[str, list[int]]:
+    record = normalise(row, fmt, ColumnsConfig(), where)
+    if record["kind"] == "chat":
+        return encode_chat(tok, record["messages"], where)
+    if record["kind"] != "pair":
+        raise DataError(f"{where}: encode_row handles chat, prompt_completion and instruction rows, not '{fmt}'")
     if chat:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
         return encode_chat(tok, messages, where)
-    return encode_prompt_completion(tok, prompt, completion)
+    return encode_prompt_completion(tok, record["prompt"], record["completion"])
 
 
-def encode_prompt_completion(tok: PreTrainedTokenizerBase, prompt: str, completion: str) -> Example:
+def encode_chat(tok: Any, messages: list[dict[str, Any]], where: str, train_on: str = "assistant") -> dict[str, list[int]]:
+    return ChatEncoder(tok, train_on).exact(messages, where)
+
+
+def encode_prompt_completion(tok: Any, prompt: str, completion: str) -> dict[str, list[int]]:
     """Prompt tokenized alone (as inference will see it), then the completion, then EOS, which is trained."""
     p = prompt_ids(tok, prompt, chat=False)
     c = list(tok(completion, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
     return {"input_ids": p + c, "labels": [IGNORE] * len(p) + c}
-
-
-def encode_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, Any]], where: str) -> Example:
-    """Label the assistant turns by rendering prefixes of the conversation, without `{% generation %}` markers.
-
-    For each assistant turn k, the tokens between render(messages[:k], generation prompt) and render(messages[:k+1])
-    are that turn's answer plus its end-of-turn token. Each prefix must be a token prefix of the full rendering,
-    otherwise what inference would see differs from what training saw, and we refuse.
-    """
-    ids = chat_ids(tok, messages)
-    labels = [IGNORE] * len(ids)
-    for k, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        start = _checked_prefix(tok, ids, messages[:k], True, where)
-        end = _checked_prefix(tok, ids, messages[: k + 1], False, where)
-        labels[start:end] = ids[start:end]
-    return {"input_ids": ids, "labels": labels}
-
-
-def _checked_prefix(tok: PreTrainedTokenizerBase, ids: list[int], part: list[dict[str, Any]], gen: bool, where: str) -> int:
-    prefix = chat_ids(tok, part, add_generation_prompt=gen) if part or gen else []
-    if ids[: len(prefix)] != prefix:
-        raise DataError(
-            f"{where}: the chat template renders the first {len(part)} message(s) differently alone than inside the "
-            "whole conversation, so the prompt at inference would not match training. Use a template whose "
-            "renderings are prefixes of each other (set model.chat_template), or a different format."
-        )
-    return len(prefix)
-
-
-def _field(row: dict[str, Any], name: str, where: str) -> Any:
-    if name not in row or row[name] is None:
-        raise DataError(f"{where}: missing field '{name}'; the row has columns {sorted(row)}")
-    return row[name]

@@ -1,25 +1,107 @@
-"""Read local data files into rows (dicts), with errors that name the file and line."""
+"""Read rows (dicts) lazily from local files, globs, folders or hub datasets, with errors that name file and line.
+
+Everything here is a generator, so streaming keeps memory flat; the non-streaming path simply materialises it.
+"""
 
 from __future__ import annotations
 
+import csv
+import glob
+import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.config.data import ColumnsConfig, DataConfig, SourceConfig
 from finetune.errors import DataError
 
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
+Row = tuple[dict[str, Any], str]  # the row and where it came from ("file:line"), for error messages
 
-def read_rows(path: str) -> list[dict[str, Any]]:
+
+@dataclass
+class BadRows:
+    """Counts rows skipped under on_bad_rows=skip; raises under on_bad_rows=error."""
+
+    policy: str = "error"
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def report(self, message: str) -> None:
+        if self.policy == "error":
+            raise DataError(f"{message}. Fix the row, or set data.on_bad_rows: skip to skip and count such rows.")
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+
+def normalise_sources(value: str | list[SourceConfig] | None, cfg: DataConfig) -> list[SourceConfig]:
+    """`train: file` is shorthand for one source; per-source format/columns default to the data section's."""
+    if value is None:
+        return []
+    items = [SourceConfig(path=value)] if isinstance(value, str) else list(value)
+    return [s.model_copy(update={"format": s.format if s.format != "auto" else cfg.format,
+                                 "columns": s.columns or cfg.columns}) for s in items]
+
+
+def source_name(src: SourceConfig) -> str:
+    return src.path if src.path is not None else f"{src.hub}[{src.subset or ''}:{src.split}]"
+
+
+def source_columns(src: SourceConfig) -> ColumnsConfig:
+    assert src.columns is not None
+    return src.columns
+
+
+def expand_files(path: str) -> list[Path]:
+    """A file, a glob, or a folder (all supported files below it, sorted so the order is stable)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p.resolve()}")
-    if p.suffix == ".json":
-        return _read_json(p)
-    return list(_read_jsonl(p))
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+    elif any(c in path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+    else:
+        files = [p] if p.is_file() else []
+    if not files:
+        raise DataError(f"data: no data files found at '{path}' (looked in {p.resolve()}); supported: {', '.join(SUFFIXES)}")
+    bad = [f for f in files if f.suffix not in SUFFIXES]
+    if bad:
+        raise DataError(f"data: {bad[0]} has an unsupported extension; supported: {', '.join(SUFFIXES)}")
+    return files
 
 
-def _read_jsonl(p: Path) -> Iterator[dict[str, Any]]:
+def read_rows(path: str, on_bad_rows: str = "error") -> list[dict[str, Any]]:
+    """All rows of a local file, glob or folder (what eval uses for its own files)."""
+    bad = BadRows(on_bad_rows)
+    return [row for f in expand_files(path) for row, _ in READERS[f.suffix](f, bad)]
+
+
+def iter_source(src: SourceConfig, bad: BadRows, streaming: bool) -> Iterator[Row]:
+    if src.hub is not None:
+        yield from _iter_hub(src, streaming)
+        return
+    assert src.path is not None
+    for f in expand_files(src.path):
+        yield from READERS[f.suffix](f, bad)
+
+
+def source_fingerprint(src: SourceConfig) -> str:
+    """Content hash of the files (or the hub dataset's own fingerprint), for the preprocessing cache."""
+    h = hashlib.sha256(json.dumps(src.model_dump(), sort_keys=True).encode())
+    if src.path is not None:
+        for f in expand_files(src.path):
+            h.update(str(f).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    else:
+        h.update(str(getattr(_load_hub(src, streaming=False), "_fingerprint", "")).encode())
+    return h.hexdigest()
+
+
+def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Row]:
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -27,19 +109,88 @@ def _read_jsonl(p: Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}). Fix or remove that line.") from None
+                bad.report(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+                continue
             if not isinstance(row, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            yield row
+                bad.report(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                continue
+            yield row, f"{p}:{lineno}"
 
 
-def _read_json(p: Path) -> list[dict[str, Any]]:
+def _read_json(p: Path, bad: BadRows) -> Iterator[Row]:
+    text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("{") and exc.lineno > 1:  # JSON lines saved as .json
+            yield from _read_jsonl(p, bad)
+            return
         raise DataError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if isinstance(data, dict):
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
         data = next((v for v in data.values() if isinstance(v, list)), [data])
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{p}: expected a JSON list of objects")
-    return data
+    if not isinstance(data, list):
+        raise DataError(f"{p}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data, 1):
+        if isinstance(row, dict):
+            yield row, f"{p}: item {i}"
+        else:
+            bad.report(f"{p}: item {i} is a {type(row).__name__}, expected an object")
+
+
+def _read_csv(p: Path, bad: BadRows) -> Iterator[Row]:
+    with p.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
+        for row in reader:
+            if None in row:  # more cells than header columns
+                bad.report(f"{p}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells for {len(row) - 1} columns")
+                continue
+            yield dict(row), f"{p}:{reader.line_num}"
+
+
+def _read_parquet(p: Path, bad: BadRows) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield row, f"{p}: row {n}"
+
+
+def _read_txt(p: Path, bad: BadRows) -> Iterator[Row]:
+    """One row per block of text separated by blank lines (a paragraph or a document)."""
+    with p.open(encoding="utf-8") as f:
+        block: list[str] = []
+        start = 1
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                if not block:
+                    start = lineno
+                block.append(line)
+            elif block:
+                yield {"text": "".join(block).rstrip("\n")}, f"{p}:{start}"
+                block = []
+        if block:
+            yield {"text": "".join(block).rstrip("\n")}, f"{p}:{start}"
+
+
+READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
+           ".parquet": _read_parquet, ".txt": _read_txt}
+
+
+def _load_hub(src: SourceConfig, streaming: bool) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(src.hub, src.subset, split=src.split, streaming=streaming)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError...)
+        raise DataError(
+            f"data: could not load hub dataset '{src.hub}' (subset={src.subset}, split={src.split}): {exc}. Offline, "
+            "only datasets already in the local cache load (HF_DATASETS_OFFLINE=1)."
+        ) from None
+
+
+def _iter_hub(src: SourceConfig, streaming: bool) -> Iterator[Row]:
+    name = source_name(src)
+    for i, row in enumerate(_load_hub(src, streaming), 1):
+        yield dict(row), f"{name} row {i}"

@@ -1,0 +1,146 @@
+"""Chat conversations -> {input_ids, labels}, with the assistant mask computed from prefix renderings.
+
+No `{% generation %}` markers are needed: for each trained assistant turn k, the trained tokens lie between
+render(messages[:k], add_generation_prompt=True) and render(messages[:k+1]). Two paths compute the same thing:
+- exact: tokenizes every prefix with `apply_chat_template` (what inference does) and checks each is a token prefix of
+  the whole conversation; slow, used on the first rows of every source as proof, and as the fallback;
+- fast: renders all prefixes as strings in one call, tokenizes the whole conversations in one batched call with
+  offsets, and maps the prefix lengths to token positions. A token that straddles a boundary sends that row down the
+  exact path (which refuses it if the prompt would tokenize differently alone).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any
+
+from finetune.errors import DataError
+from finetune.prompting import chat_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE = -100
+Messages = list[dict[str, Any]]
+Example = dict[str, list[int]]
+PROOF_ROWS = 8  # rows per source encoded both ways and compared
+
+
+class ChatEncoder:
+    def __init__(self, tok: PreTrainedTokenizerBase, train_on: str = "assistant"):
+        if not getattr(tok, "chat_template", None):
+            raise DataError("the data needs a chat template but the tokenizer has none: set model.chat_template "
+                            "(a built-in: chatml, llama3, zephyr, or a .jinja file)")
+        self.tok, self.train_on = tok, train_on
+        self.fast = bool(getattr(tok, "is_fast", False))
+        self.proven = 0  # rows checked against the exact path so far
+        self.fallbacks = 0  # rows the fast path handed to the exact path
+
+    def targets(self, messages: Messages) -> list[int]:
+        """Indices of the assistant turns that carry loss."""
+        turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+        return turns[-1:] if self.train_on == "last" else turns
+
+    def encode(self, convs: list[Messages], wheres: list[str]) -> list[Example]:
+        if not self.fast:
+            return [self.exact(m, w) for m, w in zip(convs, wheres, strict=True)]
+        out = self._fast(convs, wheres)
+        self._prove(convs, wheres, out)
+        return out
+
+    def exact(self, messages: Messages, where: str) -> Example:
+        ids = chat_ids(self.tok, messages)
+        if self.train_on == "all":
+            return {"input_ids": ids, "labels": list(ids)}
+        labels = [IGNORE] * len(ids)
+        for k in self.targets(messages):
+            start = self._checked_prefix(ids, messages[:k], True, where)
+            end = self._checked_prefix(ids, messages[: k + 1], False, where)
+            labels[start:end] = ids[start:end]
+        return {"input_ids": ids, "labels": labels}
+
+    def _checked_prefix(self, ids: list[int], part: Messages, gen: bool, where: str) -> int:
+        prefix = chat_ids(self.tok, part, add_generation_prompt=gen) if part or gen else []
+        if ids[: len(prefix)] != prefix:
+            raise DataError(
+                f"{where}: the chat template renders the first {len(part)} message(s) differently alone than inside "
+                "the whole conversation, so the prompt at inference would not match training. Use a template whose "
+                "renderings are prefixes of each other (set model.chat_template), data.train_on: last (only the last "
+                "turn's prompt must match), or a different format."
+            )
+        return len(prefix)
+
+    def _render(self, convs: list[Messages], gen: bool) -> list[str]:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if not convs:
+            return []
+        kwargs: dict[str, Any] = dict(self.tok.special_tokens_map)  # as apply_chat_template passes them
+        out: Any = render_jinja_template(conversations=convs, chat_template=self.tok.chat_template,
+                                         add_generation_prompt=gen, **kwargs)
+        return list(out[0])
+
+    def _fast(self, convs: list[Messages], wheres: list[str]) -> list[Example]:
+        full = self._render(convs, False)
+        targets = [self.targets(m) if self.train_on != "all" else [] for m in convs]
+        starts = iter(self._render([m[:k] for m, ts in zip(convs, targets, strict=True) for k in ts], True))
+        ends = iter(self._render([m[: k + 1] for m, ts in zip(convs, targets, strict=True) for k in ts], False))
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for i, text in enumerate(full):
+            ids, offsets = list(enc["input_ids"][i]), enc["offset_mapping"][i]
+            spans = [(next(starts), next(ends)) for _ in targets[i]]
+            example = self._labelled(text, ids, offsets, spans) if self.train_on != "all" else {"input_ids": ids, "labels": list(ids)}
+            if example is None:
+                self.fallbacks += 1
+                example = self.exact(convs[i], wheres[i])
+            out.append(example)
+        return out
+
+    def _labelled(self, text: str, ids: list[int], offsets: Any, spans: list[tuple[str, str]]) -> Example | None:
+        """Labels from string prefix lengths mapped to token positions; None when a boundary is not clean."""
+        token_starts = [int(o[0]) for o in offsets]
+        labels = [IGNORE] * len(ids)
+        for prompt, upto in spans:
+            if not (text.startswith(prompt) and text.startswith(upto)):
+                return None
+            a, b = _token_at(token_starts, offsets, len(prompt)), _token_at(token_starts, offsets, len(upto))
+            if a is None or b is None:
+                return None
+            labels[a:b] = ids[a:b]
+        return {"input_ids": ids, "labels": labels}
+
+    def _prove(self, convs: list[Messages], wheres: list[str], out: list[Example]) -> None:
+        """The first rows are also encoded the exact way; any difference means the fast path cannot be trusted for
+        this tokenizer and template, so everything goes the exact way from then on."""
+        for m, w, ex in zip(convs, wheres, out, strict=True):
+            if self.proven >= PROOF_ROWS:
+                return
+            self.proven += 1
+            if self.exact(m, w) != ex:
+                self.fast = False
+                out[:] = [self.exact(mm, ww) for mm, ww in zip(convs, wheres, strict=True)]
+                return
+
+
+def _token_at(starts: list[int], offsets: Any, char: int) -> int | None:
+    """Index of the first token starting at or after `char`; None if a token straddles `char`."""
+    i = bisect_left(starts, char)
+    if i > 0 and offsets[i - 1][1] > char:
+        return None
+    return i
+
+
+def check_end_of_turn(tok: Any, example: dict[str, Any], where: str) -> str:
+    """The token that ends an answer must be trained, or the model never learns to stop. Returns its text."""
+    trained = {t for t in example["labels"] if t != IGNORE}
+    if tok.eos_token_id in trained:
+        return str(tok.eos_token)
+    special = trained & set(getattr(tok, "all_special_ids", []))
+    if special:
+        return str(tok.convert_ids_to_tokens(sorted(special)[0]))
+    raise DataError(
+        f"{where}: neither the EOS token ({tok.eos_token!r}) nor any end-of-turn special token is among the trained "
+        "tokens of the first example, so the model would never learn to stop. The chat template must end assistant "
+        "turns with EOS or an end-of-turn token; or raise data.max_seq_len if the example was truncated."
+    )
