@@ -94,6 +94,6 @@ def load_adapter(folder: str | Path, base: str | None = None, quantized: bool = 
     labels = info.run.get("labels")
     model = load_base_model(source, model_cfg, info.task, lora_cfg, labels)
     check_pair(model, tok, source, info.task)
-    model = PeftModel.from_pretrained(model, str(info.folder))
-    model.eval()
-    return model, tok, info
+    peft_model = PeftModel.from_pretrained(model, str(info.folder))
+    peft_model.eval()
+    return peft_model, tok, info

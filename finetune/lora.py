@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from finetune.config.lora import LoraConfig
 
@@ -38,7 +38,7 @@ def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm") -> nn.
     peft_cfg = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora,
@@ -53,10 +53,11 @@ def param_report(model: nn.Module) -> ParamReport:
     total = sum(p.numel() for p in model.parameters())
     wrapped, formula = 0, 0
     for module in model.modules():
-        lora_a = getattr(module, "lora_A", None)
+        lora_a: Any = getattr(module, "lora_A", None)
         if lora_a is None or "default" not in lora_a:
             continue
-        a, b = lora_a["default"].weight, module.lora_B["default"].weight  # A: r x k, B: d x r
+        lora_b: Any = module.lora_B
+        a, b = lora_a["default"].weight, lora_b["default"].weight  # A: r x k, B: d x r
         wrapped += 1
         formula += a.shape[0] * (a.shape[1] + b.shape[0])
     return ParamReport(trainable, total, wrapped, formula)

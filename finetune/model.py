@@ -136,7 +136,8 @@ def load_base_model(
 
 def check_pair(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: Source, task: str) -> None:
     """Fail early, naming both, when the tokenizer can produce ids the model has no embedding row for."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    embeddings: Any = model.get_input_embeddings()
+    rows = int(embeddings.weight.shape[0])
     if len(tok) > rows:
         raise ModelError(
             f"tokenizer and model do not fit: the tokenizer from {source.ref} has {len(tok)} tokens but the model "

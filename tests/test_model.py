@@ -44,7 +44,7 @@ def test_chat_labels_cover_each_assistant_turn_and_its_eos(tiny_lm: Path) -> Non
     messages = [{"role": "user", "content": "who is bob?"}, {"role": "assistant", "content": "a friend"},
                 {"role": "user", "content": "and?"}, {"role": "assistant", "content": "the end"}]
     ex = encode_chat(tok, messages, "test")
-    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+    trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100])
     assert trained == "a friend<|im_end|>\nthe end<|im_end|>\n"
     assert ex["labels"].count(tok.eos_token_id) == 2
 
