@@ -1,0 +1,82 @@
+"""`finetune demo [ADAPTER_DIR ...] [--base MODEL]`: serve demo/app.py on this machine (loopback by default)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from finetune.errors import FinetuneError
+
+HELP = "Try adapters in a local web page: generate, chat, compare with the base, classify (gradio)."
+APP_FILE = Path(__file__).resolve().parents[2] / "demo" / "app.py"
+AUTH_ENV = "FINETUNE_DEMO_AUTH"  # "user:password", so the password stays out of `ps` and shell history
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR",
+                        help="Adapter folders written by `finetune train`; text-generation adapters must share a base.")
+    parser.add_argument("--base", help="Base model folder or hub id: replaces the adapters' recorded base (e.g. a "
+                        "local copy), or is served alone when no adapter is given.")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to listen on (default: loopback only).")
+    parser.add_argument("--port", type=int, default=None, help="Port (default: the first free one from 7860).")
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="Longer prompts are refused (default 1024).")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="Upper bound on generated tokens (default 512).")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="Requests run at once; the rest wait in the queue (default 1: one model, one CPU).")
+    parser.add_argument("--queue-size", type=int, default=64, help="Waiting requests beyond this are refused.")
+    parser.add_argument("--auth-file", type=Path,
+                        help=f"File of user:password lines for HTTP basic auth (or set {AUTH_ENV}=user:password).")
+
+
+def run(args: argparse.Namespace) -> int:
+    auth = read_auth(args.auth_file, os.environ.get(AUTH_ENV))
+    _check_limits(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
+        print(f"warning: serving on {args.host} without --auth-file: anyone who can reach this port can use it",
+              file=sys.stderr)
+    app_module = load_app_module()
+    from finetune.inference import Limits, load_engine
+
+    engine = load_engine(args.adapters, args.base, Limits(args.max_prompt_tokens, args.max_new_tokens))
+    app = app_module.build_app(engine, concurrency_limit=args.concurrency, queue_size=args.queue_size)
+    print(f"demo: serving {', '.join(engine.names())} (Ctrl+C stops it)", flush=True)
+    app_module.launch(app, host=args.host, port=args.port, auth=auth, block=True)
+    return 0
+
+
+def load_app_module() -> ModuleType:
+    """demo/app.py lives beside the package (a source checkout or an editable install), not inside it."""
+    if not APP_FILE.is_file():
+        raise FinetuneError(f"demo app not found at {APP_FILE}: run `finetune demo` from a source checkout "
+                            "(pip install -e .) of finetune")
+    spec = importlib.util.spec_from_file_location("finetune_demo_app", APP_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_auth(path: Path | None, env_value: str | None) -> list[tuple[str, str]] | None:
+    lines = path.read_text(encoding="utf-8").splitlines() if path else [env_value] if env_value else []
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.strip().partition(":")
+        if not sep or not user or not password:
+            where = f"{path}:{number}" if path else AUTH_ENV
+            raise FinetuneError(f"{where}: expected user:password, got '{user}{sep}***'")
+        pairs.append((user, password))
+    if path and not pairs:
+        raise FinetuneError(f"{path}: no user:password line found")
+    return pairs or None
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    for flag in ("max_prompt_tokens", "max_new_tokens", "concurrency", "queue_size"):
+        if getattr(args, flag) < 1:
+            raise FinetuneError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
