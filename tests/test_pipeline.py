@@ -110,17 +110,19 @@ def test_gradient_accumulation_equals_big_batch(tiny_lm: Path, tmp_path: Path) -
             assert torch.allclose(value, other[key], atol=1e-7, rtol=0), key
 
 
-def test_cli_end_to_end(tiny_lm: Path, tmp_path: Path) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", qa_rows(8))
-    job = write_job(tmp_path, tiny_lm, train, train={"max_steps": 2})
-    out = subprocess.run([sys.executable, "-m", "finetune", "train", str(job), "output.run_name=cli"],
-                         capture_output=True, text=True, timeout=300)
+def test_shipped_tiny_config_end_to_end(tmp_path: Path) -> None:
+    """The README's try-it path: generate the tiny model and data, then `finetune train configs/tiny.yaml`."""
+    root = Path(__file__).resolve().parents[1]
+    run = {"capture_output": True, "text": True, "timeout": 300, "cwd": tmp_path}
+    made = subprocess.run([sys.executable, "-m", "finetune.testing", ".cache/tiny"], **run)  # type: ignore[call-overload]
+    assert made.returncode == 0, made.stderr[-2000:]
+    job = str(root / "configs" / "tiny.yaml")
+    out = subprocess.run([sys.executable, "-m", "finetune", "train", job, "output.overwrite=false"], **run)  # type: ignore[call-overload]
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trainable" in out.stdout and "sum r*(d+k)" in out.stdout
-    folder = tmp_path / "adapters" / "cli"
+    folder = tmp_path / "adapters" / "tiny"
     assert {p.name for p in folder.iterdir()} == EXPECTED_FILES
-    again = subprocess.run([sys.executable, "-m", "finetune", "train", str(job), "output.run_name=cli"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "finetune", "train", job, "output.overwrite=false"], **run)  # type: ignore[call-overload]
     assert again.returncode == 1 and "exists" in again.stderr
 
 
