@@ -1,0 +1,119 @@
+"""What `finetune eval` leaves behind: eval.json (machine-readable), eval.md (for people), eval.png (base vs
+adapter), and the short table printed in the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+JSON_NAME, MD_NAME, PNG_NAME = "eval.json", "eval.md", "eval.png"
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    from finetune.evaluation.plot import bar_chart
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / JSON_NAME, out_dir / MD_NAME, out_dir / PNG_NAME]
+    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    paths[1].write_text(markdown(report), encoding="utf-8")
+    bar_chart(report, paths[2])
+    return paths
+
+
+def scalar_metrics(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(name, m) for name, m in report["metrics"].items() if "delta" in m]
+
+
+def verdict(m: dict[str, Any]) -> str:
+    if m["delta"] == 0:
+        return "="
+    improved = (m["delta"] < 0) if m["better"] == "lower" else (m["delta"] > 0)
+    return "better" if improved else "worse"
+
+
+def terminal_table(report: dict[str, Any]) -> str:
+    rows = [("metric", "base", "adapter", "delta", "")]
+    rows += [(n, _fmt(m["base"]), _fmt(m["adapter"]), _fmt(m["delta"], signed=True), verdict(m)) for n, m in scalar_metrics(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    data = report["data"]
+    head = f"{Path(report['adapter']).name} vs base on {data['evaluated']} examples of {Path(data['path']).name}"
+    return head + "\n" + "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    parts = [_header(report), _metrics_md(report)]
+    if "confusion_matrix" in report["metrics"]:
+        parts.append(_confusion_md(report))
+    parts.append(_examples_md(report))
+    parts.append(f"![base vs adapter]({PNG_NAME})\n")
+    return "\n".join(parts)
+
+
+def _header(report: dict[str, Any]) -> str:
+    data = report["data"]
+    lines = [f"# Evaluation of `{Path(report['adapter']).name}`", "",
+             f"- adapter: `{report['adapter']}`", f"- base model: `{report['base_model']}`",
+             f"- data: `{data['path']}` ({data['format']}, {data['evaluated']} of {data['rows_total']} rows, "
+             f"fingerprint `{data['fingerprint']}`)"]
+    if "decoding" in report:
+        d = report["decoding"]
+        lines.append(f"- decoding: {d['strategy']}, up to {d['max_new_tokens']} new tokens, batch {d['batch_size']}, "
+                     f"chat template {'on' if d['chat_template'] else 'off'}, stop ids {d['stop_token_ids']}")
+    if "general" in report:
+        g = report["general"]
+        lines.append(f"- general data (what it cost): `{g['path']}` ({g['rows']} rows)")
+    lines.append(f"- created {report['created']}, evaluation took {report['timings']['eval_s']} s")
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_md(report: dict[str, Any]) -> str:
+    lines = ["## Metrics", "", "| metric | base | adapter | delta | |", "|---|---:|---:|---:|---|"]
+    for name, m in scalar_metrics(report):
+        arrow = "lower is better" if m["better"] == "lower" else "higher is better"
+        lines.append(f"| {name} ({arrow}) | {_fmt(m['base'])} | {_fmt(m['adapter'])} | {_fmt(m['delta'], True)} | {verdict(m)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _confusion_md(report: dict[str, Any]) -> str:
+    labels = report.get("labels", [])
+    out = ["## Confusion matrices", "", "Rows: reference class; columns: predicted class.", ""]
+    for side in ("base", "adapter"):
+        matrix = report["metrics"]["confusion_matrix"][side]
+        out += [f"**{side}**", "", "| | " + " | ".join(map(_cell, labels)) + " |", "|---" * (len(labels) + 1) + "|"]
+        out += [f"| {_cell(labels[i])} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(matrix)]
+        out.append("")
+    return "\n".join(out)
+
+
+def _examples_md(report: dict[str, Any], limit: int = 10) -> str:
+    examples = report["examples"]
+    differ = [e for e in examples if e["base"] != e["adapter"]]
+    lines = ["## Examples where base and adapter differ", "", f"{len(differ)} of {len(examples)} outputs differ"
+             + (f"; the first {limit} are shown." if len(differ) > limit else "."), ""]
+    if differ:
+        lines += ["| prompt | reference | base | adapter |", "|---|---|---|---|"]
+        lines += [f"| {_cell(_prompt_text(e['prompt']))} | {_cell(e['reference'])} | {_cell(e['base'])} | {_cell(e['adapter'])} |"
+                  for e in differ[:limit]]
+    return "\n".join(lines) + "\n"
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A chat prompt is shown by its last user message (the rest is in eval.json)."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        return str(users[-1]) if users else json.dumps(prompt)
+    return str(prompt)
+
+
+def _cell(value: Any, width: int = 120) -> str:
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    text = f"{value:+.4f}" if signed else f"{value:.4f}"
+    return text if abs(value) < 1e6 else (f"{value:+.3g}" if signed else f"{value:.3g}")

@@ -1,0 +1,86 @@
+"""Model-side measurements (loss, class predictions) and the metric modules applied to predictions.
+
+Examples are encoded by the training data stage's Encoder, so the loss covers exactly the tokens training put in
+its loss (answers and their end-of-turn token; every token of text rows)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from finetune.errors import DataError
+from finetune.evaluation.examples import Example
+
+if TYPE_CHECKING:
+    from finetune.config.data import DataConfig
+
+
+def encode(examples: list[Example], cfg: DataConfig, tok: Any, chat: bool, labels: list[str] | None) -> list[dict[str, Any]]:
+    """Token examples, one Encoder call per run of same-kind records (the Encoder takes one kind per call)."""
+    from finetune.data.encode import Counts, Encoder
+
+    encoder, counts = Encoder(cfg, tok, chat, labels), Counts()
+    out: list[dict[str, Any]] = []
+    start = 0
+    while start < len(examples):
+        end = start
+        while end < len(examples) and examples[end].record["kind"] == examples[start].record["kind"]:
+            end += 1
+        chunk = examples[start:end]
+        out.extend(encoder.encode([e.record for e in chunk], [e.where for e in chunk], counts))
+        start = end
+    if not out:
+        raise DataError(f"{examples[0].where if examples else 'eval data'}: no example has a token to score after "
+                        "formatting and the length policy (data.max_seq_len / data.overlong)")
+    return out
+
+
+def forward(model: Any, tok: Any, encoded: list[dict[str, Any]], batch_size: int) -> tuple[dict[str, float], list[int]]:
+    """({loss, perplexity, tokens}, predicted class per example for classification examples)."""
+    import torch
+
+    from finetune.data.collate import PadCollator
+    from finetune.train import loss_sum
+
+    collate, device = PadCollator(tok.pad_token_id), next(model.parameters()).device
+    total, count, preds = 0.0, 0, list[int]()
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size]).items()}
+            total += float(loss_sum(model, batch))
+            if "label" in batch:
+                count += len(batch["label"])
+                inputs = {k: v for k, v in batch.items() if k != "label"}
+                preds.extend(int(i) for i in model(**inputs).logits.argmax(-1))
+            else:
+                count += int((batch["labels"][:, 1:] != -100).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}, preds
+
+
+def generation_metrics(predictions: list[str], references: list[str], json_match: bool) -> dict[str, float]:
+    from finetune.metrics import GENERATION, load_metric
+
+    names = list(GENERATION) + (["json_exact_match"] if json_match else [])
+    out: dict[str, float] = {}
+    for name in names:
+        out.update(load_metric(name).compute(predictions=predictions, references=references))
+    return out
+
+
+def classification_metrics(predictions: list[int], references: list[int], num_labels: int) -> dict[str, Any]:
+    from finetune.metrics import load_metric
+
+    out: dict[str, Any] = load_metric("accuracy").compute(predictions=predictions, references=references)
+    out.update(load_metric("macro_f1").compute(predictions=predictions, references=references))
+    cm = load_metric("confusion_matrix").compute(predictions=predictions, references=references, labels=list(range(num_labels)))
+    out["confusion_matrix"] = cm["confusion_matrix"]
+    return out
+
+
+def references_are_json(references: list[str]) -> bool:
+    """JSON exact match is added when every reference is a JSON object or list (an extraction task)."""
+    from finetune.metrics._text import parse_json
+
+    parsed = [parse_json(r) for r in references]
+    return bool(parsed) and all(ok and isinstance(v, (dict, list)) for ok, v in parsed)
