@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_third_party()
     from finetune.config.errors import ConfigError
     from finetune.errors import FinetuneError
 
@@ -63,6 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Without this the process can hang on exit under accelerate launch (open gloo groups).
         if "torch" in sys.modules and os.environ.get("FINETUNE_KEEP_PG") is None:
             _destroy_process_group()
+
+
+def _quiet_third_party() -> None:
+    """Silence deprecation chatter from our dependencies that a user can do nothing about."""
+    import logging
+    import warnings
+
+    for pattern in (".*is_gradient_checkpointing.*", ".*torch.jit.script_method.*", ".*TRANSFORMERS_CACHE.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    # bitsandbytes logs a warning on CPU about an optional kernels package at import time (peft imports it).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _destroy_process_group() -> None:
