@@ -90,6 +90,13 @@ def total_steps(cfg: TrainConfig, size: int | None, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * size / (cfg.micro_batch_size * cfg.gradient_accumulation * world)))
 
 
+def is_sized(dataset: Any) -> bool:
+    """Map-style (indexable, with a length) as opposed to a stream, whose __len__ may exist only to raise."""
+    from torch.utils.data import IterableDataset
+
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+
+
 def setup_model(model: Any, cfg: TrainConfig) -> None:
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing gives gradients to LoRA weights even though the frozen inputs need none.
@@ -105,7 +112,7 @@ class _Loop:
 
         self.cfg, self.acc, self.data, self.work = cfg, acc, data, work
         setup_model(model, cfg)
-        sized = hasattr(data.train, "__len__") and hasattr(data.train, "__getitem__")
+        sized = is_sized(data.train)
         self.plan = DataPlan(len(data.train) if sized else None, cfg.seed)
         self.total = total_steps(cfg, self.plan.size, acc.num_processes)
         self.per_step = cfg.micro_batch_size * cfg.gradient_accumulation * acc.num_processes
@@ -247,7 +254,7 @@ class _Loop:
         return bool(patience and self.state.bad_evals >= patience)
 
     def _record_eval(self, row: dict[str, Any]) -> None:
-        loss = evaluate_loss(self.inner, self.data, self.cfg, self.acc)
+        loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc)
         s = self.state
         row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
         s.evals.append({"step": s.step, "eval_loss": loss})
@@ -290,18 +297,22 @@ class _Loop:
                        f"peak memory {result.peak_memory_mb:,.0f} MB")
 
 
-def evaluate_loss(model: Any, data: DataBundle, cfg: TrainConfig, accelerator: Any) -> float:
+def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: Any) -> float:
     """Mean loss per target token over the validation set; rank r evaluates examples r, r+w, ... (no repeats)."""
     import torch
 
     assert data.validation is not None
-    rows = list(data.validation)[accelerator.process_index:: accelerator.num_processes]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if is_sized(data.validation):
+        rows = [data.validation[i] for i in range(rank, len(data.validation), world)]
+    else:
+        rows = [ex for i, ex in enumerate(data.validation) if i % world == rank]
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
-        for i in range(0, len(rows), cfg.micro_batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in data.collator(rows[i: i + cfg.micro_batch_size]).items()}
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in data.collator(rows[i: i + batch_size]).items()}
             with accelerator.autocast():
                 totals[0] += loss_sum(model, batch)
             totals[1] += target_count(batch)

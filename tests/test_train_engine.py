@@ -1,0 +1,273 @@
+"""The training engine in one process: data order and sharding, exact resume, eval/early stopping/best, NaN,
+out-of-memory retry, trackers, plot, profile, precision, gradient checkpointing, classification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import load_config
+from finetune.errors import FinetuneError
+from finetune.testing import qa_rows, write_jsonl
+from tests.conftest import write_job
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Any:
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run(tmp: Path, model: Path, name: str, **train: Any) -> Path:
+    from finetune.pipeline import run_train
+
+    data = write_jsonl(tmp / "train.jsonl", qa_rows(24))
+    val = write_jsonl(tmp / "val.jsonl", qa_rows(8)[::-1])
+    job = write_job(tmp, model, data, train={"max_steps": 6, **train}, data={"validation": str(val)},
+                    output={"run_name": name})
+    return run_train(load_config(job))
+
+
+def _metrics(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(folder: Path) -> list[float]:
+    return [m["loss"] for m in _metrics(folder) if "loss" in m]
+
+
+def _same_tensors(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+# --- data order -------------------------------------------------------------------------------------------------
+
+def test_sharding_covers_every_example_once_and_matches_one_big_batch() -> None:
+    from finetune.distributed import DataPlan, rank_share, step_examples
+
+    n, b, k = 10, 2, 2
+    two, one = DataPlan(n, seed=3), DataPlan(n, seed=3)
+    seen: list[int] = []
+    for _ in range(5):  # 5 steps x 8 examples = 4 epochs of 10
+        rows = step_examples(list(range(n)), two, None, b * k * 2)
+        assert step_examples(list(range(n)), one, None, 2 * b * k) == rows  # same examples per step
+        shares = [rank_share(rows, b, k, r, 2) for r in range(2)]
+        mine = [x for r in range(2) for m in shares[r] for x in m]
+        assert sorted(mine) == sorted(rows)  # no example dropped or doubled between ranks
+        big = rank_share(rows, 2 * b, k, 0, 1)
+        for i in range(k):  # micro-batch i of 2 ranks x b holds micro-batch i of 1 process x 2b
+            assert sorted(shares[0][i] + shares[1][i]) == sorted(big[i])
+        seen += rows
+    for epoch in range(4):
+        assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert seen[:n] != list(range(n)), "not shuffled"
+
+
+def test_streaming_order_resumes_from_the_cursor() -> None:
+    from finetune.distributed import DataPlan, step_examples, stream_from
+
+    class Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            return iter(range(7))
+
+    plan = DataPlan(None, seed=0)
+    whole = step_examples(Stream(), plan, stream_from(Stream(), 0), 12)
+    assert whole == list(range(7)) + list(range(5)) and plan.cursor == 12
+    assert step_examples(Stream(), DataPlan(None, 0), stream_from(Stream(), 5), 7) == whole[5:]
+
+
+def test_accelerate_parent_command_is_read() -> None:
+    from finetune.distributed import requested_processes
+
+    assert requested_processes(["/v/bin/python", "/v/bin/accelerate", "launch", "--num_processes", "2", "-m", "finetune"]) == 2
+    assert requested_processes(["/v/bin/accelerate", "launch", "--num_processes=3", "-m", "finetune"]) == 3
+    assert requested_processes(["/bin/bash", "-c", "--num_processes 2"]) == 1
+
+
+def test_unsynchronised_processes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import accelerate
+
+    from finetune import distributed
+
+    class Alone:  # what a CPU process started by torchrun gets without CPU mode: a group of one
+        num_processes = 1
+
+        def __init__(self, **kwargs: Any):
+            pass
+
+    monkeypatch.setattr(accelerate, "Accelerator", Alone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FinetuneError, match="unsynchronised"):
+        distributed.make_accelerator("fp32")
+
+
+# --- precision --------------------------------------------------------------------------------------------------
+
+def test_precision_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune import distributed
+
+    with pytest.raises(FinetuneError, match="fp16 needs a CUDA GPU; on CPU use bf16"):
+        distributed.resolve_precision("fp16")
+    assert distributed.resolve_precision("fp32") == "no"
+    monkeypatch.setattr(distributed, "cpu_bf16", lambda: True)
+    assert distributed.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(distributed, "cpu_bf16", lambda: False)
+    assert distributed.resolve_precision("auto") == "no"
+    with pytest.raises(FinetuneError, match="no bf16 support"):
+        distributed.resolve_precision("bf16")
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+def test_resume_from_checkpoint_is_bitwise_exact(tiny_lm: Path, tmp_path: Path) -> None:
+    ref = _run(tmp_path, tiny_lm, "ref", checkpoint_every=2, keep_last=2)
+    ckpts = sorted((ref.parent / ".work" / "ref" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step-00000004", "step-00000006"]  # keep_last=2
+    resumed = _run(tmp_path, tiny_lm, "ref2", resume=str(ckpts[0]))
+    _same_tensors(ref, resumed)
+    losses = [[m["loss"] for m in _metrics(f) if "loss" in m] for f in (ref, resumed)]
+    assert len(losses[0]) == 6 and losses[1] == losses[0][4:]  # the resumed run logs steps 5 and 6, bitwise equal
+    assert json.loads((resumed / "run.json").read_text())["metrics"]["eval_loss"] == json.loads(
+        (ref / "run.json").read_text())["metrics"]["eval_loss"]
+
+
+def test_resume_path_that_is_not_a_checkpoint_is_named(tiny_lm: Path, tmp_path: Path) -> None:
+    with pytest.raises(FinetuneError, match="not a checkpoint folder"):
+        _run(tmp_path, tiny_lm, "x", resume=str(tmp_path))
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune import train
+
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    monkeypatch.setattr(train, "evaluate_loss", lambda *a: next(scripted))
+    folder = _run(tmp_path, tiny_lm, "es", eval_every=1, early_stopping_patience=2, checkpoint_every=1, keep_last=9)
+    rows = _metrics(folder)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["eval_loss"] for r in rows] == [3.0, 2.0, 2.5, 2.6]
+    run = json.loads((folder / "run.json").read_text())["metrics"]
+    assert run["best_step"] == 2 and run["stopped_early"] and run["eval_loss"] == 2.0
+    best = torch.load(folder.parent / ".work" / "es" / "checkpoints" / "step-00000002" / "trainable.pt")
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    for name, value in best.items():  # peft drops the adapter name when saving
+        assert torch.equal(saved[name.replace(".default", "")], value), name
+
+
+def test_nan_loss_stops_naming_the_step(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune import train
+
+    real, calls = train.loss_sum, {"n": 0}
+
+    def poisoned(model: Any, batch: Any) -> Any:
+        calls["n"] += 1
+        return real(model, batch) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(train, "loss_sum", poisoned)
+    with pytest.raises(FinetuneError, match=r"loss is nan at step 3.*step-00000002"):
+        _run(tmp_path, tiny_lm, "nan", checkpoint_every=2)
+    assert not (tmp_path / "adapters" / "nan").exists()
+
+
+def test_out_of_memory_halves_the_micro_batch(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune import train
+
+    real = train.loss_sum
+
+    def small_only(model: Any, batch: Any) -> Any:  # pretend a batch of 4 does not fit
+        if batch["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(model, batch)
+
+    ref = _run(tmp_path, tiny_lm, "mb2", micro_batch_size=2, gradient_accumulation=2)
+    monkeypatch.setattr(train, "loss_sum", small_only)
+    oom = _run(tmp_path, tiny_lm, "oom", micro_batch_size=4, gradient_accumulation=1)
+    assert "micro_batch_size -> 2, gradient_accumulation -> 2" in capsys.readouterr().out
+    assert _losses(oom) == _losses(ref)
+    _same_tensors(ref, oom)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_lm: Path, tmp_path: Path) -> None:
+    plain = _run(tmp_path, tiny_lm, "plain", max_steps=3)
+    ckpt = _run(tmp_path, tiny_lm, "gc", max_steps=3, gradient_checkpointing=True)
+    assert all(abs(x - y) < 1e-5 for x, y in zip(_losses(plain), _losses(ckpt), strict=True))
+
+
+def test_trackers_plot_and_profile(tiny_lm: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = _run(tmp_path, tiny_lm, "tr", max_steps=4, eval_every=2, trackers=["tensorboard", "mlflow"], profile_steps=2)
+    rows = _metrics(folder)
+    work = folder.parent / ".work" / "tr"
+    events = EventAccumulator(str(work / "tr"))
+    events.Reload()
+    assert [round(e.value, 5) for e in events.Scalars("loss")] == [round(x, 5) for x in _losses(folder)]
+    client = MlflowClient(tracking_uri=(work / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = sorted(client.get_metric_history(run.info.run_id, "eval_loss"), key=lambda m: m.step)
+    assert [(m.step, round(m.value, 5)) for m in history] == [(r["step"], round(r["eval_loss"], 5)) for r in rows if "eval_loss" in r]
+    assert Image.open(folder / "loss.png").size == (700, 400)
+    assert "Self CPU" in (folder / "profile.txt").read_text() and "aten::" in (folder / "profile.txt").read_text()
+
+
+# --- classification ---------------------------------------------------------------------------------------------
+
+def _class_bundle(tok: Any) -> Any:
+    """Sentiment-like rows straight as token ids (the data module's classification format is tested there)."""
+    from finetune.data.collate import PadCollator
+
+    words = {0: ["bad", "awful", "poor"], 1: ["good", "great", "fine"]}
+    rows = [{"input_ids": tok(f"{w} {w} day", add_special_tokens=False)["input_ids"], "label": label}
+            for label, ws in words.items() for w in ws] * 4
+    return SimpleNamespace(train=rows, validation=rows[:6], collator=PadCollator(tok.pad_token_id), labels=["neg", "pos"])
+
+
+def test_classification_trains_the_head_with_lora(tiny_encoder: Path, tmp_path: Path) -> None:
+    from finetune import lora, model, train
+    from finetune.config.lora import LoraConfig
+    from finetune.config.model import ModelConfig
+    from finetune.config.train import TrainConfig
+
+    mcfg, lcfg = ModelConfig(name_or_path=str(tiny_encoder)), LoraConfig(r=4, alpha=8, dropout=0.0)
+    base, tok, _ = model.load_model(mcfg, "classification", lcfg, ["neg", "pos"])
+    net = lora.wrap_lora(base, lcfg, "classification")
+    head = {n: p.detach().clone() for n, p in net.named_parameters() if "classifier" in n and p.requires_grad}
+    assert head, "the classification head must be trained (modules_to_save)"
+    bundle = _class_bundle(tok)
+    cfg = TrainConfig(max_steps=30, micro_batch_size=8, learning_rate=2e-2, precision="fp32", warmup_ratio=0)
+    result = train.train(net, bundle, cfg, train.make_accelerator(cfg), tmp_path / "work")
+    assert result.losses[-1] < 0.2 < result.losses[0]
+    assert any(not torch.equal(p, dict(net.named_parameters())[n]) for n, p in head.items())
+    batch = bundle.collator(bundle.train)
+    with torch.no_grad():
+        pred = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    assert float((pred == batch["label"]).float().mean()) == 1.0
+
+
+# --- shipped accelerate configs ---------------------------------------------------------------------------------
+
+ACCEL = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCEL, ids=[p.name for p in ACCEL])
+def test_shipped_accelerate_configs_load_in_accelerate(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type is not None and path.read_text().startswith("# accelerate launch --config_file")
+
+
+def test_all_accelerate_setups_are_shipped() -> None:
+    assert {p.stem for p in ACCEL} >= {"one_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "cpu_multi_process"}
