@@ -62,7 +62,8 @@ def card_markdown(card: AdapterCard) -> str:
     if card.labels:
         rows.append(("labels", ", ".join(card.labels)))
     rows += [(f"train {k}", _fmt(v)) for k, v in card.metrics.items()]
-    rows += [(f"eval {k}", _fmt(v)) for k, v in _flat(card.eval_metrics).items()]
+    rows += [(f"eval {k}", f"{_fmt(m['adapter'])} (base {_fmt(m['base'])}, delta {_fmt(m['delta'])})")
+             for k, m in card.eval_metrics.items()]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"**{card.name}**\n\n| | |\n|---|---|\n{table}"
 
@@ -192,17 +193,6 @@ def _refused(exc: Exception) -> Exception:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """eval.json may nest (e.g. {"metrics": {...}}); show its scalar leaves."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        elif isinstance(value, int | float | str | bool):
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class AdapterCard:
     chat: bool = False
     labels: list[str] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # run.json "metrics"
-    eval_metrics: dict[str, Any] = field(default_factory=dict)  # eval.json, when `finetune eval` wrote one
+    eval_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.json name -> base/adapter/delta
 
 
 @dataclass
@@ -206,8 +206,9 @@ def _stream(entry: Entry, ids: list[int], params: GenerationParams, cancel: thre
     text = ""
     try:
         for piece in streamer:
-            text += piece
-            yield text
+            if piece:  # the streamer also sends "" while a multi-byte character is incomplete
+                text += piece
+                yield text
     finally:
         closed.set()  # a closed iterator (the user pressed stop) must not leave the model generating
         thread.join()
@@ -323,7 +324,8 @@ def _load_group(members: list[Any], base: str | None) -> dict[str, Entry]:
 def _entry(model: Any, tok: Any, info: Any, peft_name: str) -> Entry:
     from finetune.prompting import stop_token_ids
 
-    return Entry(model, tok, info.task, info.chat, peft_name, stop_token_ids(tok, model.generation_config), _card(info))
+    stop_ids = stop_token_ids(tok, getattr(model, "generation_config", None)) if info.task == "causal_lm" else []
+    return Entry(model, tok, info.task, info.chat, peft_name, stop_ids, _card(info))
 
 
 def _base_entry(first: Entry) -> Entry:
@@ -347,7 +349,10 @@ def _card(info: Any) -> AdapterCard:
     import json
 
     eval_file = info.folder / "eval.json"
-    eval_metrics = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+    report = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+    # eval.json (finetune/evaluation/report.py): metrics -> {base, adapter, delta, better}; scalars only here
+    eval_metrics = {name: {k: m.get(k) for k in ("base", "adapter", "delta")}
+                    for name, m in (report.get("metrics") or {}).items() if isinstance(m, dict) and "delta" in m}
     return AdapterCard(
         name=info.name, base=info.base, task=info.task, rank=info.adapter_config.get("r"),
         alpha=info.adapter_config.get("lora_alpha"), chat=info.chat, labels=info.run.get("labels"),
