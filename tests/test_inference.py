@@ -57,10 +57,11 @@ def engine(adapters: dict[str, Path]) -> Engine:
 
 
 def last(stream: Any) -> Any:
-    out = None
-    for out in stream:
-        pass
-    return out
+    """The final value of a stream (the full text), consuming it."""
+    from collections import deque
+
+    tail = deque(stream, maxlen=1)
+    return tail[0] if tail else None
 
 
 def reference_text(model: Any, tok: Any, prompt: str, chat: bool, max_new_tokens: int) -> str:
