@@ -136,13 +136,18 @@ def _materialise(cfg: DataConfig, tok: Any, plan: Plan) -> tuple[ExampleTable, E
     val = [ex for r in val_rows for ex in encoded(iter(r), encoder, val_counts)]
     if cfg.val_size:
         train, val = mixing.split(train, cfg.val_size, cfg.seed)
-    if plan.format != "classification":
-        check_end_of_turn(tok, train[0], source_name(plan.train[0]))
+    if needs_end_of_turn(plan):
+        check_end_of_turn(tok, train[:100], source_name(plan.train[0]))
     stats = _stats(cfg, plan, counts, used, bad, encoder)
     stats["validation_examples"] = len(val)
     if cfg.packing:
         train, val = _pack(cfg, train, val, stats)
     return ExampleTable.from_examples(train), ExampleTable.from_examples(val) if val else None, stats
+
+
+def needs_end_of_turn(plan: Plan) -> bool:
+    """Answers must end with a trained EOS; raw text chunks and classification have no answers."""
+    return all(s.format in ("chat", "prompt_completion", "instruction") for s in plan.train)
 
 
 def _class_names(rows: list[list[tuple[Record, str]]]) -> list[str]:

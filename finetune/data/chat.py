@@ -131,9 +131,10 @@ def _token_at(starts: list[int], offsets: Any, char: int) -> int | None:
     return i
 
 
-def check_end_of_turn(tok: Any, example: dict[str, Any], where: str) -> str:
-    """The token that ends an answer must be trained, or the model never learns to stop. Returns its text."""
-    trained = {t for t in example["labels"] if t != IGNORE}
+def check_end_of_turn(tok: Any, examples: list[dict[str, Any]], where: str) -> str:
+    """The token that ends an answer must be trained, or the model never learns to stop. Checked on the first
+    examples (any of them, since truncation may cut it from some). Returns the token's text."""
+    trained = {t for ex in examples for t in ex["labels"] if t != IGNORE}
     if tok.eos_token_id in trained:
         return str(tok.eos_token)
     special = trained & set(getattr(tok, "all_special_ids", []))
@@ -141,6 +142,6 @@ def check_end_of_turn(tok: Any, example: dict[str, Any], where: str) -> str:
         return str(tok.convert_ids_to_tokens(sorted(special)[0]))
     raise DataError(
         f"{where}: neither the EOS token ({tok.eos_token!r}) nor any end-of-turn special token is among the trained "
-        "tokens of the first example, so the model would never learn to stop. The chat template must end assistant "
-        "turns with EOS or an end-of-turn token; or raise data.max_seq_len if the example was truncated."
+        "tokens of the first examples, so the model would never learn to stop. The chat template must end assistant "
+        "turns with EOS or an end-of-turn token; or raise data.max_seq_len if the examples were truncated."
     )

@@ -9,7 +9,13 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
+from finetune.errors import FinetuneError
+
 Example = dict[str, Any]
+
+
+class StreamLengthError(FinetuneError, TypeError):
+    """A TypeError too, so list()/length hints fall back to iterating, while the CLI prints the message."""
 
 
 class StreamingExamples(IterableDataset):  # type: ignore[type-arg]
@@ -29,9 +35,7 @@ class StreamingExamples(IterableDataset):  # type: ignore[type-arg]
 
     def __len__(self) -> int:
         # DataLoader asks for a length to size an epoch; a stream has none, so say what to set instead.
-        from finetune.errors import FinetuneError
-
-        raise FinetuneError("data.streaming: a stream has no length, so set train.max_steps (the number of optimizer "
+        raise StreamLengthError("data.streaming: a stream has no length, so set train.max_steps (the number of optimizer "
                             "steps to run) instead of epochs")
 
     def __bool__(self) -> bool:
@@ -60,7 +64,7 @@ def _shuffled(stream: Iterator[Example], size: int, rng: random.Random) -> Itera
 def streaming_bundle_parts(cfg: Any, tok: Any, plan: Any) -> tuple[StreamingExamples, Any, dict[str, Any], list[str] | None]:
     """Train (and validation) as lazy streams. The stats dict is updated in place as the stream is read, so the
     counts saved at the end of training (run.json) are those of what was actually trained on."""
-    from finetune.data.build import encoded, records  # one chain, shared with the eager path
+    from finetune.data.build import encoded, needs_end_of_turn, records  # one chain, shared with the eager path
     from finetune.data.chat import check_end_of_turn
     from finetune.data.encode import Counts, Encoder
     from finetune.data.mixing import held_out, interleave
@@ -91,11 +95,11 @@ def streaming_bundle_parts(cfg: Any, tok: Any, plan: Any) -> tuple[StreamingExam
         stream = examples(plan.train, "train")
         return pack_stream(stream, cfg.max_seq_len) if cfg.packing else stream
 
-    first = list(islice(examples(plan.train, "train"), 1))
+    first = list(islice(examples(plan.train, "train"), 100))
     if not first:
         raise DataError("data: the training stream yields no example (empty, or every example dropped); check the data")
-    if plan.format != "classification":
-        check_end_of_turn(tok, first[0], "data.train")
+    if needs_end_of_turn(plan):
+        check_end_of_turn(tok, first, "data.train")
     train = StreamingExamples(train_iter, cfg.shuffle_buffer, cfg.seed)
     return train, _validation(cfg, plan, examples), stats, labels
 
