@@ -1,0 +1,162 @@
+"""Publish an adapter to the Hugging Face Hub: build the exact folder (allow-listed files + model card), check it
+holds no secret, then create_repo + upload_folder. `dry_run` stops after building and lists what would be sent.
+
+Only allow-listed files leave the machine: checkpoints, optimizer state, merged weights, GGUF exports and anything
+else in the adapter folder stay home. The token comes from HF_TOKEN or `hf auth login`; it is passed to
+huggingface_hub and never printed, written or put in an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.adapters import AdapterInfo, read_adapter
+from finetune.errors import FinetuneError
+from finetune.modelcard import CardInput, render_card
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
+RECORD_FILES = ("finetune.yaml", "run.json", "metrics.jsonl")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+SECRET_LINE = re.compile(r"(?im)^(\s*[\w-]*(token|secret|password|api_key)[\w-]*\s*:\s*)(?!null\b|false\b|true\b)(\S.*)$")
+
+
+@dataclass
+class PublishRequest:
+    adapter: str | Path
+    repo_id: str
+    private: bool = False
+    dry_run: bool = False
+    out: str | Path | None = None  # where the Hub folder is built (default: a temp dir, or ./publish/<name> on dry-run)
+    base_model: str | None = None  # hub id of the base when the adapter records a local folder
+    license: str = "apache-2.0"
+    datasets: list[str] = field(default_factory=list)
+    endpoint: str | None = None  # default: HF_ENDPOINT or huggingface.co
+    token: str | None = None  # default: HF_TOKEN or the saved login
+
+
+@dataclass
+class PublishReport:
+    folder: str
+    files: list[tuple[str, int]]  # (path in repo, bytes)
+    left_out: list[str]
+    repo_url: str | None = None
+    commit_url: str | None = None
+
+    def describe(self, dry_run: bool) -> str:
+        total = sum(size for _, size in self.files)
+        head = "would upload" if dry_run else f"uploaded to {self.repo_url}"
+        lines = [f"{head} {len(self.files)} files ({total / 1e6:.2f} MB) from {self.folder}:"]
+        lines += [f"  {name}  {size:,} B" for name, size in self.files]
+        if self.left_out:
+            lines.append(f"left out (never uploaded): {', '.join(self.left_out)}")
+        if self.commit_url:
+            lines.append(f"commit: {self.commit_url}")
+        return "\n".join(lines)
+
+
+def publish(req: PublishRequest) -> PublishReport:
+    if not REPO_ID.match(req.repo_id):
+        raise FinetuneError(f"--repo-id {req.repo_id!r} must look like USER/NAME (letters, digits, - _ .)")
+    info = read_adapter(req.adapter)
+    base_model = _hub_base(info, req)
+    token = None if req.dry_run else _token(req)
+    staging = Path(req.out) if req.out else (Path("publish") / info.name if req.dry_run else None)
+    folder = staging or Path(tempfile.mkdtemp(prefix=f"finetune-publish-{info.name}-"))
+    try:
+        report = build_hub_folder(info, folder, CardInput(req.repo_id, base_model, req.license, list(req.datasets)))
+        _refuse_secrets(folder, token)
+        if not req.dry_run:
+            assert token is not None
+            report.repo_url, report.commit_url = _upload(folder, req, token)
+    finally:
+        if staging is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return report
+
+
+def _hub_base(info: AdapterInfo, req: PublishRequest) -> str | None:
+    """The base as a hub id: --base-model, else the recorded base when it is not a local path."""
+    if req.base_model:
+        return req.base_model
+    recorded = info.base
+    if recorded and not recorded.startswith(("/", ".", "~")) and REPO_ID.match(recorded):
+        return recorded
+    if req.dry_run:
+        return None
+    raise FinetuneError(
+        f"the adapter's base is the local folder {recorded}; others cannot load that. Pass --base-model with the "
+        "hub id of the same checkpoint (e.g. --base-model HuggingFaceTB/SmolLM2-135M-Instruct)."
+    )
+
+
+def _token(req: PublishRequest) -> str:
+    from huggingface_hub import get_token
+
+    token = req.token or get_token()
+    if not token:
+        raise FinetuneError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then publish again")
+    return token
+
+
+def build_hub_folder(info: AdapterInfo, folder: Path, card: CardInput) -> PublishReport:
+    """Copy the allow-listed files, point adapter_config at the hub base, redact the config, write the card."""
+    if folder.exists() and any(folder.iterdir()):
+        raise FinetuneError(f"{folder.resolve()} is not empty; choose an empty --out folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    allowed = (*ADAPTER_FILES, *TOKENIZER_FILES, *RECORD_FILES)
+    for name in allowed:
+        if (info.folder / name).is_file():
+            shutil.copy2(info.folder / name, folder / name)
+    if card.base_model:
+        _set_base(folder / "adapter_config.json", card.base_model)
+    if (folder / "finetune.yaml").is_file():
+        text = (folder / "finetune.yaml").read_text(encoding="utf-8")
+        (folder / "finetune.yaml").write_text(SECRET_LINE.sub(r"\1'***'", text), encoding="utf-8")
+    (folder / "README.md").write_text(render_card(info, card), encoding="utf-8")
+    files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    left_out = sorted(p.relative_to(info.folder).as_posix() + ("/" if p.is_dir() else "")
+                      for p in info.folder.iterdir() if p.name not in (*allowed, "README.md"))
+    return PublishReport(str(folder.resolve()), files, left_out)
+
+
+def _set_base(path: Path, base_model: str) -> None:
+    cfg: dict[str, Any] = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base_model  # a local path would make the published adapter unloadable
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _refuse_secrets(folder: Path, token: str | None) -> None:
+    """Refuse to send a folder that contains the token itself or anything shaped like an HF token."""
+    pattern = re.compile(r"hf_[A-Za-z0-9]{30,}")
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.suffix == ".safetensors":
+            continue
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        if (token and token in text) or pattern.search(text):
+            raise FinetuneError(f"{path.name} contains what looks like a Hugging Face token; remove it before publishing")
+
+
+def _upload(folder: Path, req: PublishRequest, token: str) -> tuple[str, str]:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        raise FinetuneError("HF_HUB_OFFLINE=1 is set: unset it to publish (or use --dry-run to only build the folder)")
+    api = HfApi(endpoint=req.endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+    try:
+        repo = api.create_repo(req.repo_id, private=req.private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=req.repo_id, folder_path=str(folder), repo_type="model",
+                                   commit_message="Upload LoRA adapter with finetune")
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        message = str(exc).replace(token, "***")
+        raise FinetuneError(f"publishing to {req.repo_id} failed: {type(exc).__name__}: {message}") from None
+    return str(repo), str(commit.commit_url)
