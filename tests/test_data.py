@@ -224,9 +224,8 @@ def test_streaming_equals_eager_and_holds_out_the_same_way(tmp_path: Path, tok: 
 
 
 def test_preview_marks_trained_tokens_and_prints_stats(tmp_path: Path, tiny_lm: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import write_job
-
     from finetune.cli import main
+    from tests.conftest import write_job
 
     f = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
     job = write_job(tmp_path, tiny_lm, f)

@@ -64,7 +64,7 @@ def _shuffled(stream: Iterator[Example], size: int, rng: random.Random) -> Itera
 def streaming_bundle_parts(cfg: Any, tok: Any, plan: Any) -> tuple[StreamingExamples, Any, dict[str, Any], list[str] | None]:
     """Train (and validation) as lazy streams. The stats dict is updated in place as the stream is read, so the
     counts saved at the end of training (run.json) are those of what was actually trained on."""
-    from finetune.data.build import encoded, needs_end_of_turn, records  # one chain, shared with the eager path
+    from finetune.data.build import encoded, needs_end_of_turn, records  # noqa: I001 (one chain, shared with eager)
     from finetune.data.chat import check_end_of_turn
     from finetune.data.encode import Counts, Encoder
     from finetune.data.mixing import held_out, interleave
