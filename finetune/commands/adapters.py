@@ -1,0 +1,78 @@
+"""`finetune adapters list [--dir adapters]`: one row per adapter folder, read from its metadata (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HELP = "List the adapters under adapters/ (name, base, task, rank, size, key metric, created)."
+COLUMNS = ("name", "base", "task", "rank", "size", "key metric", "created")
+# Preferred metric to show, first found wins: held-out quality before training loss.
+KEY_METRICS = ("accuracy", "f1", "exact_match", "eval_loss", "val_loss", "validation_loss", "train_loss")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list"], help="What to do (list).")
+    parser.add_argument("--dir", default="adapters", help="Folder holding adapter folders (default: adapters).")
+    parser.add_argument("--json", action="store_true", help="Print the rows as JSON instead of a table.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.errors import FinetuneError
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise FinetuneError(f"adapters folder not found: {root.resolve()} (train one with `finetune train JOB.yaml`, or pass --dir)")
+    rows = [adapter_row(p) for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no adapters in {root.resolve()}")
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def adapter_row(folder: Path) -> dict[str, Any]:
+    cfg = _read_json(folder / "adapter_config.json")
+    run = _read_json(folder / "run.json")
+    task = run.get("task") or ("classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return {"name": folder.name, "base": _short(str(cfg.get("base_model_name_or_path") or "?")), "task": task,
+            "rank": cfg.get("r"), "size": f"{size / 1e6:.2f} MB", "key metric": key_metric(folder, run),
+            "created": str(run.get("created") or "?").replace("T", " ")[:16]}
+
+
+def key_metric(folder: Path, run: dict[str, Any]) -> str:
+    metrics = dict(run.get("metrics") or {})
+    for path in sorted(folder.glob("eval*.json")):
+        data = _read_json(path)
+        metrics.update(data.get("metrics", data) if isinstance(data.get("metrics", data), dict) else {})
+    for name in KEY_METRICS:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{name}={value:.4g}"
+    return "-"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cells = [list(COLUMNS)] + [[str(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _short(base: str, width: int = 40) -> str:
+    """Hub ids stay whole; a long local path keeps its tail, where the model name is."""
+    return base if len(base) <= width else "..." + base[-(width - 3):]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
