@@ -45,7 +45,9 @@ def render_example(tok: Any, ex: dict[str, Any], labels: list[str] | None, color
         name = labels[ex["label"]] if labels and ex["label"] < len(labels) else ex["label"]
         return f"{_escape(tok.decode(ex['input_ids']), color)}\n  -> label {name}"
     starts = _example_starts(ex)
-    out, run_ids, run_trained = [], [], None
+    out: list[str] = []
+    run_ids: list[int] = []
+    run_trained: bool | None = None
     for i, (tid, lab) in enumerate(zip(ex["input_ids"], ex["labels"], strict=True)):
         trained = lab != -100
         if i in starts or trained != run_trained:
