@@ -173,3 +173,74 @@ def test_chat_rows_use_the_last_assistant_message_as_reference(tmp_path):
     ex = eval_set.examples[0]
     assert ex.reference == "the end"
     assert [m["content"] for m in prompt_of(ex.record, True)] == ["be brief", "who is alice?", "alice is a friend", "and then?"]
+
+
+@pytest.fixture(scope="module")
+def cls_adapter(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SEQ_CLS adapter built directly with peft (no training): random LoRA B and head, saved like `finetune train`."""
+    import torch
+    import yaml
+    from transformers import AutoTokenizer
+
+    from finetune.config.lora import LoraConfig
+    from finetune.config.model import ModelConfig
+    from finetune.lora import wrap_lora
+    from finetune.model import load_base_model, resolve_source
+
+    folder = tmp_path_factory.mktemp("cls") / "adapter"
+    torch.manual_seed(1)
+    cfg = ModelConfig(name_or_path=str(tiny_encoder))
+    model = wrap_lora(load_base_model(resolve_source(cfg), cfg, "classification", None, ["neg", "pos", "other"]),
+                      LoraConfig(r=4, alpha=8, dropout=0.0), "classification")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(folder)
+    data = write_jsonl(folder.parent / "train.jsonl", [{"text": "hello", "label": "neg"}])
+    job = {"task": "classification", "model": {"name_or_path": str(tiny_encoder)}, "data": {"train": str(data)}}
+    (folder / "finetune.yaml").write_text(yaml.safe_dump(job))
+    (folder / "run.json").write_text(json.dumps({"labels": ["neg", "pos", "other"], "data": {"chat_template": False}}))
+    return folder
+
+
+def test_classification_adapter_accuracy_f1_and_confusion(cls_adapter: Path, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["the quick brown fox", "hello world", "what is the capital of France?", "Alice is 31 years old",
+             "the lazy dog", "answer question"]
+    labels = ["neg", "pos", "other", 1, "neg", 2]  # names or indices
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": t, "label": lab} for t, lab in zip(texts, labels, strict=True)])
+    report = run_eval(EvalOptions(str(cls_adapter), data=str(data), out=str(tmp_path))).report
+    refs = [e["reference"] for e in report["examples"]]
+    assert refs == ["neg", "pos", "other", "pos", "neg", "other"]
+
+    tok = AutoTokenizer.from_pretrained(cls_adapter)
+    base = AutoModelForSequenceClassification.from_pretrained(report["base_model"], num_labels=3)
+    model = PeftModel.from_pretrained(base, str(cls_adapter)).eval()
+    with torch.no_grad():
+        logits = torch.cat([model(**tok(t, return_tensors="pt")).logits for t in texts])
+    want = [["neg", "pos", "other"][i] for i in logits.argmax(-1).tolist()]
+    assert len(set(want)) > 1  # the comparison means something only if predictions vary
+    assert [e["adapter"] for e in report["examples"]] == want
+    gold = torch.tensor([0, 1, 2, 1, 0, 2])
+    assert report["metrics"]["loss"]["adapter"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, gold)), rel=1e-5)
+
+    for side in ("base", "adapter"):
+        preds = [e[side] for e in report["examples"]]
+        assert report["metrics"]["accuracy"][side] == pytest.approx(sum(p == r for p, r in zip(preds, refs, strict=True)) / 6)
+        matrix = report["metrics"]["confusion_matrix"][side]
+        names = ["neg", "pos", "other"]
+        assert matrix == [[sum(r == a and p == b for p, r in zip(preds, refs, strict=True)) for b in names] for a in names]
+    assert "## Confusion matrices" in (tmp_path / "eval.md").read_text()
+
+
+def test_eval_from_the_job_yaml_and_split_train(trained: Path, tmp_path):
+    """`finetune eval JOB.yaml --split train --max-samples 3` finds the adapter the job saved and its train file."""
+    report = run_eval(EvalOptions(str(trained.parent.parent / "job.yaml"), split="train", max_samples=3,
+                                  out=str(tmp_path))).report
+    assert report["adapter"] == str(trained.resolve())
+    assert report["data"]["split"] == "train" and report["data"]["evaluated"] == 3 and report["data"]["rows_total"] == 32
