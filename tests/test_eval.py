@@ -244,3 +244,26 @@ def test_eval_from_the_job_yaml_and_split_train(trained: Path, tmp_path):
                                   out=str(tmp_path))).report
     assert report["adapter"] == str(trained.resolve())
     assert report["data"]["split"] == "train" and report["data"]["evaluated"] == 3 and report["data"]["rows_total"] == 32
+
+
+def test_chat_and_text_data_end_to_end(trained: Path, tmp_path):
+    """Chat rows are prompted with the conversation before the last assistant turn; text rows get loss only."""
+    from finetune.testing import chat_rows
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(2))
+    report = run_eval(EvalOptions(str(trained), data=str(chat), out=str(tmp_path / "chat"))).report
+    assert report["data"]["format"] == "chat" and report["decoding"]["chat_template"] is True
+    assert [len(e["prompt"]) for e in report["examples"]] == [4, 4]
+    assert {e["reference"] for e in report["examples"]} == {"the end"}
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello world"}, {"text": "the lazy dog"}])
+    report = run_eval(EvalOptions(str(trained), data=str(text), out=str(tmp_path / "text"))).report
+    assert set(report["metrics"]) == {"loss", "perplexity"} and report["examples"] == []
+    assert (tmp_path / "text" / "eval.png").is_file()
+
+
+def test_plain_prompts_stay_plain_text():
+    from finetune.evaluation.examples import prompt_of
+
+    record = {"kind": "pair", "prompt": "name: bob", "completion": "hello bob", "system": "be brief"}
+    assert prompt_of(record, chat=False) == "name: bob"  # training's plain encoding has no system prompt either
+    assert prompt_of(record, chat=True) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name: bob"}]

@@ -66,6 +66,8 @@ def _header(report: dict[str, Any]) -> str:
     if "general" in report:
         g = report["general"]
         lines.append(f"- general data (what it cost): `{g['path']}` ({g['rows']} rows)")
+    if report["task"] == "classification":
+        lines.append("- base: the base encoder with a new, untrained classification head (seed 0): chance level")
     lines.append(f"- created {report['created']}, evaluation took {report['timings']['eval_s']} s")
     return "\n".join(lines) + "\n"
 

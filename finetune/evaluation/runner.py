@@ -224,7 +224,7 @@ def _report(info: Any, base_ref: str, eval_set: EvalSet, opts: EvalOptions, side
                  "content_sha256": eval_set.file_sha256, "fingerprint": eval_set.fingerprint,
                  "train_fingerprint": info.run.get("data", {}).get("fingerprint")},
         "metrics": _compare(sides),
-        "examples": _examples(eval_set, sides, extra.get("labels")),
+        "examples": _examples(eval_set, sides, extra.get("labels"), bool(extra.get("decoding", {}).get("chat_template"))),
         "timings": {"eval_s": round(seconds, 2), **{f"{s}_generate_s": v["generate_s"] for s, v in sides.items() if "generate_s" in v}},
     }
     report.update(extra)
@@ -247,13 +247,13 @@ def _compare(sides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _examples(eval_set: EvalSet, sides: dict[str, Any], labels: list[str] | None) -> list[dict[str, Any]]:
+def _examples(eval_set: EvalSet, sides: dict[str, Any], labels: list[str] | None, chat: bool) -> list[dict[str, Any]]:
     """Every example with both outputs; class references are shown by name like the predictions."""
     from finetune.evaluation.examples import prompt_of
 
     if not sides["base"]["outputs"]:  # text rows: loss only
         return []
     refs = [labels[int(e.reference or 0)] if labels else e.reference for e in eval_set.examples]
-    prompts = [e.record.get("text") if labels else prompt_of(e.record, True) for e in eval_set.examples]
+    prompts = [e.record.get("text") if labels else prompt_of(e.record, chat) for e in eval_set.examples]
     return [{"prompt": p, "reference": r, "base": b, "adapter": a} for p, r, b, a
             in zip(prompts, refs, sides["base"]["outputs"], sides["adapter"]["outputs"], strict=True)]
