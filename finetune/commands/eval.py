@@ -9,7 +9,7 @@ HELP = "Compare an adapter with its base model on the same data: metrics with de
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="An adapter folder (adapters/<run>), or the job YAML that trained it.")
-    parser.add_argument("--data", help="A .jsonl/.json file to evaluate on (default: the job's file for --split).")
+    parser.add_argument("--data", help="Data to evaluate on: a file (.jsonl/.json/.csv/.parquet/.txt), glob or folder, read with the job's data.format and data.columns (default: the job's data for --split).")
     parser.add_argument("--split", default="validation", choices=["validation", "train"],
                         help="Which of the job's data files to use when --data is not given (default: validation).")
     parser.add_argument("--max-samples", type=_positive, help="Evaluate only the first N rows.")
