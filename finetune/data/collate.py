@@ -36,12 +36,17 @@ class PadCollator:
 @dataclass
 class PackedCollator:
     """Packed rows (with `seq_lens`) -> input_ids, labels, position_ids restarting per example, and either a 4D
-    block-diagonal causal mask (block_mask: position ids alone do NOT stop cross-attention in sdpa/eager) or no
-    mask at all (varlen: flash attention finds the example boundaries from the position ids)."""
+    block-diagonal causal mask (position ids alone do NOT stop cross-attention in sdpa/eager) or no mask at all
+    (varlen: flash attention finds the example boundaries from the position ids).
+
+    transformers hands a 4D mask to the kernel as it is: sdpa reads a boolean one, but eager *adds* the mask to
+    the scores, so a boolean mask would leak there. The default is therefore additive (0 / most negative float),
+    which both read correctly; mask_dtype="bool" saves memory where only sdpa is used."""
 
     pad_id: int
     varlen: bool = False
     pad_to_multiple_of: int | None = None
+    mask_dtype: str = "float32"  # additive in float32 / bfloat16 / float64, or "bool"
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -52,8 +57,17 @@ class PackedCollator:
         batch: dict[str, Any] = {"input_ids": _pad(rows, "input_ids", width, self.pad_id),
                                  "labels": _pad(rows, "labels", width, IGNORE), "position_ids": positions}
         if not self.varlen:
-            batch["attention_mask"] = torch.stack([block_causal_mask(seg) for seg in segments])[:, None]
+            allowed = torch.stack([block_causal_mask(seg) for seg in segments])[:, None]
+            batch["attention_mask"] = allowed if self.mask_dtype == "bool" else additive(allowed, self.mask_dtype)
         return batch
+
+
+def additive(allowed: Any, dtype_name: str) -> Any:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    out = torch.zeros(allowed.shape, dtype=dtype)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def block_causal_mask(seq_lens: list[int]) -> Any:

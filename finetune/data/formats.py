@@ -79,6 +79,9 @@ def _instruction(row: dict[str, Any], c: ColumnsConfig, where: str, system: str 
 
 
 def _chat(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    if row.get(c.messages) is None and row.get(c.conversations) is None:
+        raise MissingField(f"{where}: missing field '{c.messages}' (or '{c.conversations}'); the row has columns "
+                           f"{sorted(row)} (map yours with data.columns)")
     if row.get(c.messages) is not None:
         messages = [_openai_message(m, where, i) for i, m in enumerate(field(row, c.messages, where, list))]
     else:
