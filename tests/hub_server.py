@@ -24,7 +24,7 @@ from typing import Any
 class FakeHub:
     token: str
     repos: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo_id -> {"private": bool, "files": {path: bytes}}
-    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, headers)
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, lower-cased headers)
     url: str = ""
     _server: ThreadingHTTPServer | None = None
 
@@ -53,7 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.state.requests.append(("POST", self.path, dict(self.headers)))
+        self.state.requests.append(("POST", self.path, {k.lower(): v for k, v in self.headers.items()}))
         if self.headers.get("Authorization") != f"Bearer {self.state.token}":
             return self._json(401, {"error": "Invalid credentials in Authorization header"})
         path = self.path.split("?")[0]
@@ -73,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json(404, {"error": f"not implemented by the fake hub: POST {path}"})
 
     def do_GET(self) -> None:  # noqa: N802
-        self.state.requests.append(("GET", self.path, dict(self.headers)))
+        self.state.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
         self._json(404, {"error": f"not implemented by the fake hub: GET {self.path}"})
 
     def _create(self, payload: dict[str, Any]) -> None:
