@@ -107,7 +107,9 @@ def _reference_model(info: AdapterInfo, base: str | None) -> tuple[Any, Any, boo
     model_cfg = model_cfg.model_copy(update={"dtype": "float32"})
     lora_cfg = info.job.lora if info.job is not None else None
     quantized = lora_cfg is not None and lora_cfg.quantization != "none"
-    tok = AutoTokenizer.from_pretrained(str(info.folder))
+    # The adapter's own tokenizer (and chat template) when saved with it; else the base's (adapters from elsewhere).
+    has_tok = (info.folder / "tokenizer_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(str(info.folder) if has_tok else source.folder)
     set_pad_token(tok)
     model: Any = load_base_model(source, model_cfg, info.task, lora_cfg if quantized else None, info.run.get("labels"))
     if quantized:
