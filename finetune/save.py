@@ -60,16 +60,24 @@ def save_adapter(model: nn.Module, tokenizer: Any, req: SaveRequest, accelerator
 
 
 def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, req: SaveRequest) -> None:
-    from finetune.config import dump_config
 
     tmp.mkdir(parents=True)
     peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    if not req.cfg.lora.enabled:  # full fine-tuning: a whole model folder (config.json + model.safetensors)
+        _write_common(tmp, tokenizer, req)
+        return
     cfg_path = tmp / "adapter_config.json"
     adapter_cfg = json.loads(cfg_path.read_text())
     # peft records the path as given; a cwd-relative path would make reloading depend on where you stand.
     adapter_cfg["base_model_name_or_path"] = req.source.ref
     adapter_cfg["revision"] = req.source.revision
     cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
+    _write_common(tmp, tokenizer, req)
+
+
+def _write_common(tmp: Path, tokenizer: Any, req: SaveRequest) -> None:
+    from finetune.config import dump_config
+
     tokenizer.save_pretrained(tmp)
     (tmp / "finetune.yaml").write_text(dump_config(req.cfg, comments=False))
     (tmp / "run.json").write_text(json.dumps(req.run_info, indent=2, sort_keys=True, default=str) + "\n")
@@ -77,12 +85,13 @@ def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, re
 
 def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, Any]:
     """Reload the saved folder with plain `PeftModel.from_pretrained` on a fresh base and compare logits."""
-    import torch
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from finetune.model import load_base_model
 
+    if not req.cfg.lora.enabled:
+        return _verify_full(folder, trained, req)
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     _check_lora_weights(tensors)
     base = load_base_model(req.source, req.cfg.model, req.cfg.task, req.cfg.lora, req.labels)
@@ -90,6 +99,20 @@ def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, An
     missing = _missing_adapter_keys(trained, reloaded)
     if missing:
         raise VerificationError(f"the saved adapter lacks {len(missing)} trained tensors, e.g. {missing[:3]}")
+    return {**_compare_logits(trained, reloaded, req), "tensors": len(tensors)}
+
+
+def _verify_full(folder: Path, trained: Any, req: SaveRequest) -> dict[str, Any]:
+    """Full fine-tuning: the folder is a whole model; reload it as one and compare logits."""
+    from finetune.model import Source, load_base_model
+
+    reloaded = load_base_model(Source(str(folder), str(folder)), req.cfg.model, req.cfg.task, None, req.labels)
+    return {**_compare_logits(trained, reloaded, req), "full_model": True}
+
+
+def _compare_logits(trained: Any, reloaded: Any, req: SaveRequest) -> dict[str, Any]:
+    import torch
+
     was_training = trained.training
     trained.eval()
     reloaded.eval()
@@ -103,7 +126,7 @@ def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, An
     tol = 1e-4 * max(1.0, float(want.abs().max())) if want.dtype == torch.float32 and _fp32(trained) else 5e-2
     if not diff <= tol:
         raise VerificationError(f"reloaded adapter's logits differ from the trained model's by {diff:.3g} (> {tol:.3g})")
-    return {"max_logit_diff": diff, "tolerance": tol, "tensors": len(tensors), "probe_shape": list(want.shape)}
+    return {"max_logit_diff": diff, "tolerance": tol, "probe_shape": list(want.shape)}
 
 
 def _fp32(model: Any) -> bool:

@@ -271,3 +271,48 @@ def test_shipped_accelerate_configs_load_in_accelerate(path: Path) -> None:
 
 def test_all_accelerate_setups_are_shipped() -> None:
     assert {p.stem for p in ACCEL} >= {"one_gpu", "multi_gpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "cpu_multi_process"}
+
+
+# --- save under FSDP / ZeRO-3 and full fine-tuning --------------------------------------------------------------
+
+@pytest.mark.parametrize("gathered", ["empty", "zeros", "nothing"])
+def test_save_refuses_an_adapter_that_was_not_gathered(tiny_lm: Path, tmp_path: Path, gathered: str) -> None:
+    """ZeRO-3/FSDP without a gather hands back 0-element tensors; a wrong gather, zeros or no keys at all."""
+    from finetune import lora, model, save
+    from finetune.config import load_config
+    from finetune.errors import VerificationError
+    from finetune.train import make_accelerator
+
+    job = load_config(write_job(tmp_path, tiny_lm, write_jsonl(tmp_path / "d.jsonl", qa_rows(4))))
+    base, tok, source = model.load_model(job.model, "causal_lm", job.lora)
+    net = lora.wrap_lora(base, job.lora)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)  # "trained"
+    acc = make_accelerator(job.train)
+    fake = {"empty": lambda m: {k: torch.empty(0) for k in m.state_dict()},
+            "zeros": lambda m: {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in m.state_dict().items()},
+            "nothing": lambda m: {}}[gathered]
+    acc.get_state_dict = fake  # type: ignore[method-assign]
+    probe = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(VerificationError, match="LoRA"):
+        save.save_adapter(net, tok, save.SaveRequest(job, source, {}, probe), acc)
+    assert not list((tmp_path / "adapters").glob("*")), "nothing may be left behind"
+
+
+def test_full_fine_tuning_saves_a_whole_verified_model(tiny_lm: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from finetune.pipeline import run_train
+
+    data = write_jsonl(tmp_path / "train.jsonl", qa_rows(16))
+    job = write_job(tmp_path, tiny_lm, data, lora={"enabled": False}, train={"max_steps": 4, "learning_rate": 1e-3},
+                    output={"run_name": "full"})
+    folder = run_train(load_config(job))
+    run = json.loads((folder / "run.json").read_text())
+    assert run["verification"]["full_model"] and run["params"]["trainable"] == run["params"]["total"]
+    before = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) >= len(before) - 1, changed  # every weight trained (a rotary buffer may not be saved)
