@@ -29,8 +29,7 @@ CHATML_GEN = (
     "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-WORDS = ("the model data train answer question paris capital france quick brown fox jumps over lazy dog alice bob "
-         "carol json name age value list token batch loss learning rate adapter weight bias layer").split()
+WORDS = ["the", "model", "data", "train", "answer", "question", "paris", "capital", "france", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "alice", "bob", "carol", "json", "name", "age", "value", "list", "token", "batch", "loss", "learning", "rate", "adapter", "weight", "bias", "layer"]
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / ".cache/models/SmolLM2-135M-Instruct"
 
 
