@@ -308,7 +308,7 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     else:
         rows = [ex for i, ex in enumerate(data.validation) if i % world == rank]
     was_training = model.training
-    model.eval()
+    _eval_mode(model)
     totals = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
@@ -319,6 +319,22 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))
+
+
+def _eval_mode(model: Any) -> None:
+    """model.eval(), except that bitsandbytes 4-bit layers keep training=True on CPU: in eval mode their first no-grad
+    forward repacks the weight in place, and later training forwards misread the packed weight (bnb 0.50: the
+    reloaded adapter's logits then differed by 0.09). The flag changes nothing else in those layers."""
+    model.eval()
+    if next(model.parameters()).device.type != "cpu":
+        return
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.training = True
 
 
 def _peak_memory_mb() -> float:
