@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# Largest logit difference accepted, relative to max(1, largest |logit|): the saved dtype's rounding, with margin.
-TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
+# Largest float32 logit difference accepted for the merge itself, relative to max(1, largest |logit|). A bf16/fp16
+# output adds its own rounding, which is measured (float32 merged vs cast merged) rather than guessed.
+MERGE_TOLERANCE = 1e-4
 DEFAULT_PROMPTS = ("Hello!", "What is the capital of France?", "Write one short sentence about the sea.")
 NEW_TOKENS = 12
 
@@ -34,8 +35,9 @@ class MergeReport:
     dtype: str
     quantized_base: bool  # True: merged into the de-quantized 4/8-bit base
     prompts: int
-    max_logit_diff: float  # merged checkpoint vs base + adapter
-    tolerance: float
+    max_logit_diff: float  # merged checkpoint, reloaded from disk, vs base + adapter
+    tolerance: float  # float32 merge tolerance + the measured rounding cost of the saved dtype
+    merge_diff: float  # float32 merged model vs base + adapter, before casting: the merge arithmetic alone
     adapter_effect: float  # how far the adapter moves the base's logits: a merge check means little if ~0
     greedy_identical: int
     greedy_ties: int  # greedy outputs that diverged only where the reference's top two logits were within tolerance
@@ -46,8 +48,9 @@ class MergeReport:
         base = "de-quantized 4/8-bit base" if self.quantized_base else "float32 base"
         return (
             f"merged into the {base}, saved as {self.dtype} in {len(self.shards)} shard(s): {self.out}\n"
-            f"verification on {self.prompts} prompts: max |logit diff| {self.max_logit_diff:.3g} "
-            f"(tolerance {self.tolerance:.3g}; the adapter itself moves logits by up to {self.adapter_effect:.3g}); "
+            f"verification on {self.prompts} prompts: reloaded merged vs base + adapter max |logit diff| "
+            f"{self.max_logit_diff:.3g} (tolerance {self.tolerance:.3g}; float32 merge alone {self.merge_diff:.3g}; "
+            f"the adapter itself moves logits by up to {self.adapter_effect:.3g}); "
             f"greedy outputs identical {self.greedy_identical}/{self.prompts}"
             + (f" ({self.greedy_ties} diverged at a near-tie)" if self.greedy_ties else "")
         )
@@ -78,12 +81,24 @@ def merge_adapter(
     probes = probe_ids(info, tok, prompts)
     reference = _record(model, tok, probes, info.task)
     merged = _merge(model)
+    exact = _logits(merged, probes)
+    merge_diff = _max_diff(exact, reference.logits)
+    scale = max(1.0, max(float(t.abs().max()) for t in reference.logits))
+    if not merge_diff <= MERGE_TOLERANCE * scale:
+        raise VerificationError(
+            f"the float32 merge does not reproduce base + adapter: max |logit diff| {merge_diff:.3g} (tolerance "
+            f"{MERGE_TOLERANCE * scale:.3g}). Nothing was written. {_effect_hint(reference)}"
+        )
+    merged = _cast(merged, dtype)
+    rounding = _max_diff(_logits(merged, probes), exact)  # what the saved dtype alone costs
+    tol = MERGE_TOLERANCE * scale + 1.05 * rounding
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        shards = _save(merged, tok, tmp, dtype, max_shard_size)
+        shards = _save(merged, tok, tmp, max_shard_size)
         del merged, model
-        report = verify_merged(tmp, reference, probes, info, dtype)
+        report = verify_merged(tmp, reference, probes, info, dtype, tol)
+        report.merge_diff = merge_diff
         report.quantized_base, report.shards = quantized, shards
         report.seconds = round(time.perf_counter() - start, 2)
         report.out = str(out.resolve())
@@ -190,10 +205,34 @@ def _merge(model: Any) -> Any:
     return model.merge_and_unload(safe_merge=True)
 
 
-def _save(merged: Any, tok: Any, folder: Path, dtype: str, max_shard_size: str) -> list[str]:
+def _logits(model: Any, probes: list[list[int]]) -> list[torch.Tensor]:
     import torch
 
-    merged = merged.to(getattr(torch, DTYPES[dtype]))
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits[0].float() for ids in probes]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def _effect_hint(ref: _Reference) -> str:
+    effect = _max_diff(ref.logits, ref.base_logits)
+    return f"The adapter moves logits by {effect:.3g}; a diff of that size means the update was lost or applied twice."
+
+
+def _cast(merged: Any, dtype: str) -> Any:
+    """Cast the weights only: buffers such as rotary inv_freq stay float32, as they are when the folder is reloaded
+    (casting them too made the in-memory model differ from the reloaded one)."""
+    import torch
+
+    target = getattr(torch, DTYPES[dtype])
+    for param in merged.parameters():
+        param.data = param.data.to(target)
+    return merged
+
+
+def _save(merged: Any, tok: Any, folder: Path, max_shard_size: str) -> list[str]:
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config  # de-quantized: the merged folder is a plain checkpoint
     merged.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -201,13 +240,11 @@ def _save(merged: Any, tok: Any, folder: Path, dtype: str, max_shard_size: str) 
     return sorted(p.name for p in folder.glob("*.safetensors"))
 
 
-def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: AdapterInfo, dtype: str) -> MergeReport:
+def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: AdapterInfo, dtype: str, tol: float) -> MergeReport:
     """Reload the saved folder from disk and compare it with base + adapter on every probe."""
     import torch
 
     merged, tok = _load_merged(folder, info.task)
-    scale = max(1.0, max(float(t.abs().max()) for t in ref.logits))
-    tol = TOLERANCE[dtype] * scale
     diff, identical, ties, bad = 0.0, 0, 0, []
     with torch.no_grad():
         for i, ids in enumerate(probes):
@@ -222,13 +259,13 @@ def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: 
             ties += verdict == "tie"
             if verdict == "different":
                 bad.append(i)
-    effect = max(float((a - b).abs().max()) for a, b in zip(ref.logits, ref.base_logits, strict=True))
-    report = MergeReport(str(folder), dtype, False, len(probes), diff, tol, effect, identical, ties)
+    effect = _max_diff(ref.logits, ref.base_logits)
+    report = MergeReport(str(folder), dtype, False, len(probes), diff, tol, 0.0, effect, identical, ties)
     if not diff <= tol or bad:
         raise VerificationError(
-            f"merged model does not match base + adapter: max |logit diff| {diff:.3g} (tolerance {tol:.3g}); "
-            f"greedy outputs differ on prompt(s) {bad or 'none'}. Nothing was written. The adapter moves logits by "
-            f"{effect:.3g}; a diff of that size means the update was lost or applied twice."
+            f"the merged model reloaded from disk does not match base + adapter: max |logit diff| {diff:.3g} "
+            f"(tolerance {tol:.3g}); greedy outputs differ on prompt(s) {bad or 'none'}. Nothing was written. "
+            + _effect_hint(ref)
         )
     return report
 

@@ -38,7 +38,7 @@ def merged_fp32(adapter: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_fp32_merge_reproduces_base_plus_adapter(merged_fp32) -> None:
     out, report = merged_fp32
-    assert report.max_logit_diff <= report.tolerance <= 1e-3
+    assert report.max_logit_diff <= report.tolerance <= 1e-3 and report.merge_diff <= report.tolerance
     assert report.max_logit_diff < report.adapter_effect / 100  # the check is meaningful: the adapter moves logits
     assert report.greedy_identical == report.prompts >= 4  # 3 default prompts + in-domain ones from the data
     recorded = json.loads((out / "merge.json").read_text())["verification"]
@@ -82,9 +82,30 @@ def test_corrupted_merge_is_caught_and_nothing_is_left(adapter: Path, tmp_path: 
 
     monkeypatch.setattr(merge, "_merge", merge_twice)
     out = tmp_path / "bad"
-    with pytest.raises(VerificationError, match="does not match base \\+ adapter"):
-        merge.merge_adapter(adapter, out, dtype="fp32")
+    with pytest.raises(VerificationError, match="float32 merge does not reproduce base \\+ adapter"):
+        merge.merge_adapter(adapter, out, dtype="bf16")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_checkpoint_on_disk_is_caught(adapter: Path, tmp_path: Path, monkeypatch) -> None:
+    """A save that damages the written weights (here: one layer's weight scaled) fails the reload check."""
+    from safetensors.torch import save_file
+
+    from finetune import merge
+
+    original_save = merge._save
+
+    def save_then_damage(merged, tok, folder, max_shard_size):
+        shards = original_save(merged, tok, folder, max_shard_size)
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors["model.layers.0.mlp.down_proj.weight"] *= 1.5
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return shards
+
+    monkeypatch.setattr(merge, "_save", save_then_damage)
+    with pytest.raises(VerificationError, match="reloaded from disk does not match"):
+        merge.merge_adapter(adapter, tmp_path / "bad", dtype="fp32")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bf16_merge_via_cli(adapter: Path, tmp_path: Path, capsys) -> None:
@@ -96,7 +117,8 @@ def test_bf16_merge_via_cli(adapter: Path, tmp_path: Path, capsys) -> None:
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     check = json.loads((tmp_path / "m" / "merge.json").read_text())["verification"]
-    assert 0 < check["max_logit_diff"] <= check["tolerance"]  # bf16 rounding shows, within its tolerance
+    assert 0 < check["max_logit_diff"] <= check["tolerance"]  # bf16 rounding shows, within its measured tolerance
+    assert check["merge_diff"] < 1e-4 < check["max_logit_diff"]  # the float32 merge itself was exact
 
 
 def test_refuses_existing_output(adapter: Path, tmp_path: Path) -> None:
