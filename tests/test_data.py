@@ -236,3 +236,17 @@ def test_preview_marks_trained_tokens_and_prints_stats(tmp_path: Path, tiny_lm: 
     assert "«who is" not in out  # user turns are not trained
     assert "│" in out  # packed row: examples separated
     assert "packing_efficiency:" in out and "length histogram" in out and "rows: 8" in out
+
+
+def test_train_streaming_end_to_end_and_needs_max_steps(tmp_path: Path, tiny_lm: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune.cli import main
+    from tests.conftest import write_job
+
+    f = write_jsonl(tmp_path / "d.jsonl", qa_rows(40))
+    job = write_job(tmp_path, tiny_lm, f, data={"streaming": True, "val_size": 8, "packing": True},
+                    train={"max_steps": 3, "micro_batch_size": 2})
+    assert main(["train", str(job)]) == 0
+    run = json.loads((tmp_path / "adapters" / "tiny" / "run.json").read_text())
+    assert run["data"]["streaming"] is True and run["data"]["examples"] > 0
+    assert main(["train", str(job), "train.max_steps=null", "output.run_name=again"]) == 1
+    assert "max_steps" in capsys.readouterr().err

@@ -97,7 +97,7 @@ def _print(text: str, color: bool) -> None:
 
 def format_stats(stats: dict[str, Any], fingerprint: str) -> str:
     lines = [f"fingerprint: {fingerprint}   cache: {stats.get('cache', 'n/a')}"]
-    for key in ("format", "chat_template", "rows", "examples", "validation_examples", "tokens", "trained_tokens",
+    for key in ("format", "chat_template", "rows", "examples", "train_examples", "validation_examples", "tokens", "trained_tokens",
                 "truncated", "dropped_too_long", "dropped_no_target", "bad_rows", "packed_rows", "packing_efficiency"):
         if key in stats:
             lines.append(f"{key}: {stats[key]}")

@@ -139,7 +139,7 @@ def _materialise(cfg: DataConfig, tok: Any, plan: Plan) -> tuple[ExampleTable, E
     if needs_end_of_turn(plan):
         check_end_of_turn(tok, train[:100], source_name(plan.train[0]))
     stats = _stats(cfg, plan, counts, used, bad, encoder)
-    stats["validation_examples"] = len(val)
+    stats.update(train_examples=len(train), validation_examples=len(val))
     if cfg.packing:
         train, val = _pack(cfg, train, val, stats)
     return ExampleTable.from_examples(train), ExampleTable.from_examples(val) if val else None, stats

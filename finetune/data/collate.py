@@ -52,7 +52,8 @@ class PackedCollator:
         import torch
 
         width = _width(rows, self.pad_to_multiple_of)
-        segments = [_segments(r["seq_lens"], width) for r in rows]
+        # an unpacked example (e.g. a streamed validation example) is a row of one
+        segments = [_segments(r.get("seq_lens") or [len(r["input_ids"])], width) for r in rows]
         positions = torch.tensor([[p for n in seg for p in range(n)] for seg in segments], dtype=torch.long)
         batch: dict[str, Any] = {"input_ids": _pad(rows, "input_ids", width, self.pad_id),
                                  "labels": _pad(rows, "labels", width, IGNORE), "position_ids": positions}
