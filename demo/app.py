@@ -61,11 +61,11 @@ def card_markdown(card: AdapterCard) -> str:
         rows.append(("LoRA rank / alpha", f"{card.rank} / {card.alpha}"))
     if card.labels:
         rows.append(("labels", ", ".join(card.labels)))
-    rows += [(f"train {k}", _fmt(v)) for k, v in card.metrics.items()]
+    rows += [(k if k.startswith("train") else f"train {k}", _fmt(v)) for k, v in card.metrics.items()]
     rows += [(f"eval {k}", f"{_fmt(m['adapter'])} (base {_fmt(m['base'])}, delta {_fmt(m['delta'])})")
              for k, m in card.eval_metrics.items()]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"**{card.name}**\n\n| | |\n|---|---|\n{table}"
+    return f"**{card.name}**\n\n| adapter card | |\n|---|---|\n{table}"
 
 
 # -- tabs ---------------------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def _settings(engine: Engine) -> list[Any]:
     top = engine.limits.max_new_tokens
     with gr.Accordion("Generation settings", open=False), gr.Row():
         max_new = gr.Slider(1, top, value=min(128, top), step=1, label="Max new tokens", elem_id="max-new-tokens")
-        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+        temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
         top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
         seed = gr.Number(value=0, precision=0, label="Seed")
     return [max_new, temperature, top_p, seed]
