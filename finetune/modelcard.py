@@ -34,17 +34,22 @@ def card_metadata(info: AdapterInfo, card: CardInput) -> dict[str, Any]:
     return meta
 
 
-def eval_metrics(info: AdapterInfo) -> dict[str, Any]:
-    """Numeric metrics recorded for the adapter: run.json's metrics plus any eval*.json written next to it."""
-    found = {k: v for k, v in (info.run.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    for path in sorted(info.folder.glob("eval*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        metrics = data.get("metrics", data) if isinstance(data, dict) else {}
-        found.update({f"{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return found
+def eval_metrics(info: AdapterInfo) -> dict[str, dict[str, Any]]:
+    """`finetune eval` results (eval.json next to the adapter): metric -> {base, adapter, delta, better}."""
+    try:
+        report = json.loads((info.folder / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    metrics = report.get("metrics") if isinstance(report, dict) else None
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, dict) and _number(v.get("adapter"))}
+
+
+def train_metrics(info: AdapterInfo) -> dict[str, float]:
+    return {k: v for k, v in (info.run.get("metrics") or {}).items() if _number(v)}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def render_card(info: AdapterInfo, card: CardInput) -> str:
@@ -84,11 +89,22 @@ def _short_targets(targets: Any) -> str | None:
 
 
 def _metrics(info: AdapterInfo) -> str:
-    metrics = eval_metrics(info)
-    if not metrics:
-        return ""
-    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
-    return "## Metrics\n\nAs recorded by training and `finetune eval`.\n\n| metric | value |\n|---|---|\n" + rows
+    parts = []
+    evals = eval_metrics(info)
+    if evals:
+        rows = "\n".join(f"| {k} | {_fmt(m.get('base'))} | {_fmt(m['adapter'])} | {_fmt(m.get('delta'))} |"
+                         for k, m in sorted(evals.items()))
+        parts.append("## Evaluation\n\nBase model vs this adapter on the same held-out examples (`finetune eval`).\n\n"
+                     "| metric | base | adapter | delta |\n|---|---:|---:|---:|\n" + rows)
+    train = train_metrics(info)
+    if train:
+        rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(train.items()))
+        parts.append("## Training metrics\n\n| metric | value |\n|---|---:|\n" + rows)
+    return "\n\n".join(parts)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def _usage(info: AdapterInfo, card: CardInput) -> str:

@@ -18,7 +18,8 @@ def _adapter(root: Path, name: str, r: int, run: dict | None = None, eval_metric
     if run is not None:
         (folder / "run.json").write_text(json.dumps(run))
     if eval_metrics is not None:
-        (folder / "eval.json").write_text(json.dumps({"metrics": eval_metrics}))
+        evals = {k: {"base": 0.1, "adapter": v, "delta": v - 0.1, "better": "higher"} for k, v in eval_metrics.items()}
+        (folder / "eval.json").write_text(json.dumps({"metrics": evals}))  # the shape `finetune eval` writes
     return folder
 
 

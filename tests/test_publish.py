@@ -37,7 +37,9 @@ def adapter(trained: Path, tmp_path: Path) -> Path:
     (folder / "checkpoint-2").mkdir()
     (folder / "checkpoint-2" / "optimizer.pt").write_bytes(b"\0" * 64)
     (folder / "tiny-lora-f32.gguf").write_bytes(b"GGUF")
-    (folder / "eval.json").write_text(json.dumps({"metrics": {"accuracy": 0.875, "exact_match": 0.5}}))
+    (folder / "eval.json").write_text(json.dumps({"metrics": {  # the shape `finetune eval` writes
+        "accuracy": {"base": 0.25, "adapter": 0.875, "delta": 0.625, "better": "higher"},
+        "examples": [{"prompt": "private user data"}]}}))
     return folder
 
 
@@ -71,6 +73,7 @@ def test_dry_run_writes_the_exact_folder_and_it_reloads_with_peft(adapter: Path,
     printed = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == EXPECTED
     assert "would upload 9 files" in printed and "checkpoint-2/" in printed and "tiny-lora-f32.gguf" in printed
+    assert "eval.json" in printed.split("left out")[1]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-base"
 
     want, tok, _ = load_adapter(adapter)
@@ -90,7 +93,8 @@ def test_model_card_metadata_and_content(adapter: Path, tmp_path: Path, no_login
     meta = yaml.safe_load(front)
     assert meta == {"base_model": "org/tiny-base", "library_name": "peft", "pipeline_tag": "text-generation",
                     "license": "apache-2.0", "tags": ["finetune", "lora", "peft", "transformers"], "datasets": ["org/qa"]}
-    assert "| accuracy | 0.875 |" in body and "| LoRA rank r | 4 |" in body
+    assert "| accuracy | 0.25 | 0.875 | 0.625 |" in body and "| LoRA rank r | 4 |" in body and "| train_loss |" in body
+    assert "private user data" not in text  # eval examples stay home; only the numbers go in the card
     assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)' in body
     assert 'base = "org/tiny-base"' in body and 'adapter = "me/tiny-lora"' in body and "apply_chat_template" in body
 

@@ -47,9 +47,9 @@ def adapter_row(folder: Path) -> dict[str, Any]:
 
 def key_metric(folder: Path, run: dict[str, Any]) -> str:
     metrics = dict(run.get("metrics") or {})
-    for path in sorted(folder.glob("eval*.json")):
-        data = _read_json(path)
-        metrics.update(data.get("metrics", data) if isinstance(data.get("metrics", data), dict) else {})
+    evals = _read_json(folder / "eval.json").get("metrics")  # `finetune eval`: name -> {base, adapter, delta}
+    if isinstance(evals, dict):
+        metrics.update({k: v.get("adapter") for k, v in evals.items() if isinstance(v, dict)})
     for name in KEY_METRICS:
         value = metrics.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
