@@ -279,3 +279,11 @@ def test_source_list_config_is_strict() -> None:
         load_config_text("model: {name_or_path: m}\ndata: {train: [{weight: 2}]}\n")
     with pytest.raises(ConfigError, match="wieght"):
         load_config_text("model: {name_or_path: m}\ndata: {train: [{hub: x, wieght: 2}]}\n")
+
+
+def test_source_list_is_shown_resolved() -> None:
+    from finetune.config import dump_config, load_config_text
+
+    cfg = load_config_text("model: {name_or_path: m}\ndata: {train: [{hub: org/x, weight: 2}]}\n")
+    line = next(x for x in dump_config(cfg, comments=False).splitlines() if x.strip().startswith("train:"))
+    assert "hub: org/x" in line and "weight: 2.0" in line

@@ -174,6 +174,8 @@ def _dump_section(section: BaseModel, indent: int, comments: bool) -> list[str]:
             out.append(f"{pad}{name}:")
             out.extend(_dump_section(value, indent + 1, comments))
         else:
+            if isinstance(value, list):  # e.g. data.train as a list of sources (models yaml cannot represent)
+                value = [v.model_dump() if isinstance(v, BaseModel) else v for v in value]
             rendered = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
             rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
             out.append(f"{pad}{name}: {rendered}")
