@@ -187,7 +187,8 @@ def _task(f: AdapterFacts, target: str) -> list[str]:
 
 
 def _bias(f: AdapterFacts, target: str) -> list[str]:
-    if f.config.get("bias", "none") != "none" or f.config.get("lora_bias") or any(k.endswith(".bias") for k in f.tensors):
+    lora_bias = any(re.search(r"\.lora_B\.bias$", k) for k in f.tensors)  # full-module biases: modules-to-save rule
+    if f.config.get("bias", "none") != "none" or f.config.get("lora_bias") or lora_bias:
         return [f"the adapter trains biases (bias={f.config.get('bias')!r}, lora_bias={f.config.get('lora_bias')}); "
                 f"{target} applies only A/B weight matrices"]
     return []

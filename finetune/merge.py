@@ -43,6 +43,7 @@ class MergeReport:
     greedy_ties: int  # greedy outputs that diverged only where the reference's top two logits were within tolerance
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    task: str = "causal_lm"
 
     def describe(self) -> str:
         base = "de-quantized 4/8-bit base" if self.quantized_base else "float32 base"
@@ -51,7 +52,8 @@ class MergeReport:
             f"verification on {self.prompts} prompts: reloaded merged vs base + adapter max |logit diff| "
             f"{self.max_logit_diff:.3g} (tolerance {self.tolerance:.3g}; float32 merge alone {self.merge_diff:.3g}; "
             f"the adapter itself moves logits by up to {self.adapter_effect:.3g}); "
-            f"greedy outputs identical {self.greedy_identical}/{self.prompts}"
+            + ("greedy outputs" if self.task == "causal_lm" else "predicted classes")
+            + f" identical {self.greedy_identical}/{self.prompts}"
             + (f" ({self.greedy_ties} diverged at a near-tie)" if self.greedy_ties else "")
         )
 
@@ -260,7 +262,7 @@ def verify_merged(folder: Path, ref: _Reference, probes: list[list[int]], info: 
             if verdict == "different":
                 bad.append(i)
     effect = _max_diff(ref.logits, ref.base_logits)
-    report = MergeReport(str(folder), dtype, False, len(probes), diff, tol, 0.0, effect, identical, ties)
+    report = MergeReport(str(folder), dtype, False, len(probes), diff, tol, 0.0, effect, identical, ties, task=info.task)
     if not diff <= tol or bad:
         raise VerificationError(
             f"the merged model reloaded from disk does not match base + adapter: max |logit diff| {diff:.3g} "

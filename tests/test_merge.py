@@ -167,3 +167,21 @@ def _dequantized_weight(base: Path, name: str) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=_bnb_config("4bit"), dtype=torch.float32)
     return model.dequantize().get_submodule(name).weight.detach().float()
+
+
+def test_classifier_adapter_merges_with_its_trained_head(tiny_encoder: Path, tmp_path: Path) -> None:
+    """SEQ_CLS: the classifier head trained in full (modules_to_save) must survive the merge."""
+    from finetune.merge import merge_adapter
+    from finetune.pipeline import run_train
+
+    rows = [{"text": f"{w} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
+            for i, w in enumerate(["alice", "bob", "carol", "dave"] * 4)]
+    train = write_jsonl(tmp_path / "cls.jsonl", rows)
+    job = write_job(tmp_path, tiny_encoder, train, train={"max_steps": 3})
+    job.write_text("task: classification\n" + job.read_text())
+    adapter = run_train(load_config(job))
+    report = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", prompts=["alice is good", "bob is bad"])
+    assert report.max_logit_diff <= report.tolerance and report.greedy_identical == 2
+    assert "predicted classes identical 2/2" in report.describe()
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"}
