@@ -3,8 +3,10 @@ hold-out -> (packing) -> tables, cached by fingerprint; or, when streaming, the 
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -66,10 +68,24 @@ def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, task: str = "causa
     if hit is not None:
         stats = {**hit["stats"], "cache": "hit"}
         return DataBundle(hit["train"], hit["validation"], _collator(cfg, tok), fp, plan.format, plan.chat, stats, hit["labels"])
-    train, val, stats = _materialise(cfg, tok, plan)
+    with _gc_paused():
+        train, val, stats = _materialise(cfg, tok, plan)
     if cfg.cache:
         cache.save(cfg, fp, train, val, {"stats": stats, "labels": plan.labels})
     return DataBundle(train, val, _collator(cfg, tok), fp, plan.format, plan.chat, {**stats, "cache": "miss"}, plan.labels)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Tokenizing allocates millions of small lists that hold no cycles; the cyclic collector would rescan the
+    growing heap again and again (~15% of the time on 20k chats) for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def make_plan(cfg: DataConfig, tok: Any, task: str) -> Plan:

@@ -88,12 +88,13 @@ class ChatEncoder:
         full = self._render(convs, False)
         targets = [self.targets(m) if self.train_on != "all" else [] for m in convs]
         starts = iter(self._render([m[:k] for m, ts in zip(convs, targets, strict=True) for k in ts], True))
-        ends = iter(self._render([m[: k + 1] for m, ts in zip(convs, targets, strict=True) for k in ts], False))
+        # a turn that ends the conversation ends where the full rendering ends: no need to render it again
+        ends = iter(self._render([m[: k + 1] for m, ts in zip(convs, targets, strict=True) for k in ts if k + 1 < len(m)], False))
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for i, text in enumerate(full):
             ids, offsets = list(enc["input_ids"][i]), enc["offset_mapping"][i]
-            spans = [(next(starts), next(ends)) for _ in targets[i]]
+            spans = [(next(starts), next(ends) if k + 1 < len(convs[i]) else text) for k in targets[i]]
             example = self._labelled(text, ids, offsets, spans) if self.train_on != "all" else {"input_ids": ids, "labels": list(ids)}
             if example is None:
                 self.fallbacks += 1
