@@ -101,7 +101,7 @@ def test_quickstart_script_end_to_end_on_a_tiny_gguf(tiny_lm: Path, tmp_path: Pa
     gguf = write_gguf(tiny_lm, tmp_path / "tiny.gguf")
     env = {"QUICKSTART_GGUF": str(gguf), "QUICKSTART_MODEL_DIR": str(tmp_path / "model"),
            "QUICKSTART_OUT": str(tmp_path / "adapters"), "QUICKSTART_EVAL_ARGS": "--max-samples 4"}
-    tiny = ["train.max_steps=2", "train.micro_batch_size=2", "data.max_seq_len=64", "lora.r=4", "train.precision=fp32"]
+    tiny = ["data.max_seq_len=512", "train.max_steps=2", "train.micro_batch_size=2", "lora.r=4", "train.precision=fp32"]
     done = _run_quickstart(env, *tiny, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     adapter = tmp_path / "adapters" / "quickstart"
