@@ -27,7 +27,6 @@ class EvalOptions:
     max_new_tokens: int | None = None  # default: longest reference + 16 tokens
     batch_size: int = 8
     json_match: bool | None = None  # None: when every reference is JSON
-    show_examples: int = 10
 
 
 @dataclass
