@@ -30,6 +30,10 @@ def root(tmp_path: Path) -> Path:
              {"accuracy": 0.9})
     _adapter(root, "a-run", 16, {"task": "classification", "created": "2026-11-21T11:30:00+00:00", "metrics": {"train_loss": 0.5}})
     _adapter(root, "c-bare", 4)  # trained elsewhere: no run.json
+    full = root / "d-full"  # full fine-tuning (lora.enabled: false) saves a whole model folder
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    (full / "run.json").write_text(json.dumps({"task": "causal_lm", "base_model": "org/base", "metrics": {"train_loss": 2.0}}))
     (root / ".work").mkdir()  # training scratch space is not an adapter
     (root / "notes.txt").write_text("x")
     return root
@@ -38,7 +42,8 @@ def root(tmp_path: Path) -> Path:
 def test_json_rows(root: Path, capsys) -> None:
     assert main(["adapters", "list", "--dir", str(root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["a-run", "b-run", "c-bare"]
+    assert [r["name"] for r in rows] == ["a-run", "b-run", "c-bare", "d-full"]
+    assert rows[3]["rank"] == "full" and rows[3]["base"] == "org/base"
     assert rows[0] == {"name": "a-run", "base": "org/base", "task": "classification", "rank": 16, "size": "0.25 MB",
                        "key metric": "train_loss=0.5", "created": "2026-11-21 11:30"}
     assert rows[1]["key metric"] == "accuracy=0.9"  # an eval metric wins over the training loss
@@ -49,7 +54,7 @@ def test_table(root: Path, capsys) -> None:
     assert main(["adapters", "list", "--dir", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "base", "task", "rank", "size", "key", "metric", "created"]
-    assert set(lines[1]) <= {"-", " "} and len(lines) == 5
+    assert set(lines[1]) <= {"-", " "} and len(lines) == 6
     assert lines[3].split()[:4] == ["b-run", "org/base", "causal_lm", "8"]
 
 

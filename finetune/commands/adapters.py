@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise FinetuneError(f"adapters folder not found: {root.resolve()} (train one with `finetune train JOB.yaml`, or pass --dir)")
-    rows = [adapter_row(p) for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()]
+    rows = [adapter_row(p) for p in sorted(root.iterdir()) if _is_output(p)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -35,13 +35,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_output(folder: Path) -> bool:
+    """An adapter folder, or a whole model saved by full fine-tuning (lora.enabled: false) with its run.json."""
+    return (folder / "adapter_config.json").is_file() or ((folder / "config.json").is_file() and (folder / "run.json").is_file())
+
+
 def adapter_row(folder: Path) -> dict[str, Any]:
     cfg = _read_json(folder / "adapter_config.json")
     run = _read_json(folder / "run.json")
+    full = not cfg  # full fine-tuning: no adapter config, the whole model is in the folder
     task = run.get("task") or ("classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm")
+    base = str(cfg.get("base_model_name_or_path") or run.get("base_model") or "?")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return {"name": folder.name, "base": _short(str(cfg.get("base_model_name_or_path") or "?")), "task": task,
-            "rank": cfg.get("r"), "size": f"{size / 1e6:.2f} MB", "key metric": key_metric(folder, run),
+    return {"name": folder.name, "base": _short(base), "task": task, "rank": "full" if full else cfg.get("r"),
+            "size": f"{size / 1e6:.2f} MB", "key metric": key_metric(folder, run),
             "created": str(run.get("created") or "?").replace("T", " ")[:16]}
 
 
