@@ -75,6 +75,9 @@ def merge_adapter(
     if dtype not in DTYPES:
         raise FinetuneError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     start = time.perf_counter()
+    if (Path(folder) / "config.json").is_file() and not (Path(folder) / "adapter_config.json").is_file():
+        raise FinetuneError(f"{folder} is a whole model saved by full fine-tuning: there is no adapter to merge; "
+                            "load the folder directly")
     info = read_adapter(folder)
     out = Path(out)
     if out.exists() and not overwrite:
