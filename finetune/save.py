@@ -43,7 +43,8 @@ def save_adapter(model: nn.Module, tokenizer: Any, req: SaveRequest, accelerator
     final = adapter_dir(req.cfg)
     # Gathers the full weights under FSDP / ZeRO-3; must run on every process.
     state = accelerator.get_state_dict(model)
-    peft_model = accelerator.unwrap_model(model)
+    # keep_fp32_wrapper=False drops the autocast forward accelerate patched in: verification compares in full precision.
+    peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if accelerator.is_main_process:
         tmp = final.parent / f".{final.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -329,3 +329,14 @@ def test_qlora_4bit_trains_evaluates_and_verifies(tmp_path: Path) -> None:
     assert run["verification"]["max_logit_diff"] <= run["verification"]["tolerance"]
     losses = _losses(folder)
     assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_run_verifies_in_full_precision(tiny_lm: Path, tmp_path: Path) -> None:
+    """accelerate patches an autocast forward into the model; the save verification must compare without it."""
+    from finetune.distributed import cpu_bf16
+
+    if not cpu_bf16():
+        pytest.skip("this CPU has no bf16")
+    folder = _run(tmp_path, tiny_lm, "bf", max_steps=2, precision="bf16")
+    run = json.loads((folder / "run.json").read_text())
+    assert run["precision"] == "bf16" and run["verification"]["max_logit_diff"] == 0.0
