@@ -7,6 +7,7 @@ Each module is one file here; `_text.py` holds the text normalisation they share
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ def metric_path(name: str) -> Path:
     return path
 
 
+@cache  # loading copies and imports the script; a loaded module computes any number of times
 def load_metric(name: str) -> Any:
     """The `evaluate` module of that name, loaded from this folder (works offline)."""
     import evaluate
