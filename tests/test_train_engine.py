@@ -26,12 +26,13 @@ def _fresh_accelerate_state() -> Any:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _run(tmp: Path, model: Path, name: str, lora: dict[str, Any] | None = None, **train: Any) -> Path:
+def _run(tmp: Path, model: Path, name: str, lora: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+         **train: Any) -> Path:
     from finetune.pipeline import run_train
 
-    data = write_jsonl(tmp / "train.jsonl", qa_rows(24))
+    rows = write_jsonl(tmp / "train.jsonl", qa_rows(24))
     val = write_jsonl(tmp / "val.jsonl", qa_rows(8)[::-1])
-    job = write_job(tmp, model, data, train={"max_steps": 6, **train}, data={"validation": str(val)},
+    job = write_job(tmp, model, rows, train={"max_steps": 6, **train}, data={"validation": str(val), **(data or {})},
                     output={"run_name": name}, lora=lora or {})
     return run_train(load_config(job))
 
@@ -140,6 +141,16 @@ def test_resume_from_checkpoint_is_bitwise_exact(tiny_lm: Path, tmp_path: Path) 
     assert len(losses[0]) == 6 and losses[1] == losses[0][4:]  # the resumed run logs steps 5 and 6, bitwise equal
     assert json.loads((resumed / "run.json").read_text())["metrics"]["eval_loss"] == json.loads(
         (ref / "run.json").read_text())["metrics"]["eval_loss"]
+
+
+def test_streaming_resume_is_exact(tiny_lm: Path, tmp_path: Path) -> None:
+    stream = {"streaming": True, "shuffle_buffer": 5}
+    ref = _run(tmp_path, tiny_lm, "sref", data=stream, checkpoint_every=2, keep_last=3)
+    first = ref.parent / ".work" / "sref" / "checkpoints" / "step-00000002"
+    assert json.loads((first / "trainer_state.json").read_text())["cursor"] == 8  # 2 steps x micro-batch 4
+    resumed = _run(tmp_path, tiny_lm, "sres", data=stream, resume=str(first))
+    _same_tensors(ref, resumed)
+    assert _losses(resumed) == _losses(ref)[2:]
 
 
 def test_resume_path_that_is_not_a_checkpoint_is_named(tiny_lm: Path, tmp_path: Path) -> None:
