@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from finetune.distributed import DataPlan, rank_share, resolve_precision, step_e
 from finetune.distributed import make_accelerator as _make_accelerator
 from finetune.errors import FinetuneError
 from finetune.profiling import PROFILE, StepProfiler
+from finetune.progress import ProgressBar, StopSignal
 from finetune.trackers import METRICS, MetricsLog, tracker_setup
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ class _Loop:
         from transformers import get_scheduler
 
         self.cfg, self.acc, self.data, self.work = cfg, acc, data, work
+        if cfg.eval_every and not data.validation:
+            raise FinetuneError("train.eval_every needs validation data: set data.validation (or data.val_size)")
         setup_model(model, cfg)
         sized = is_sized(data.train)
         self.plan = DataPlan(len(data.train) if sized else None, cfg.seed)
@@ -149,7 +151,7 @@ class _Loop:
         self.log.start(self.state.step if self.resumed else None)
         profiler = StepProfiler(self.cfg.profile_steps, self.work / PROFILE, self.acc.is_main_process, self.state.step + 1)
         self.model.train()
-        with _progress(self.acc, self.total, self.state.step) as progress, _StopSignal() as stop:
+        with ProgressBar(self.acc, self.total, self.state.step) as progress, StopSignal() as stop:
             while self.state.step < self.total:
                 row = self._step(start)
                 progress(self.state.step, row)
@@ -264,7 +266,7 @@ class _Loop:
         else:
             s.bad_evals += 1
 
-    def _stop_requested(self, stop: _StopSignal) -> bool:
+    def _stop_requested(self, stop: StopSignal) -> bool:
         """A signal may reach only some processes; all must agree to stop at the same step."""
         import torch
 
@@ -345,55 +347,6 @@ def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and exits with a message."""
-
-    received = False
-
-    def __enter__(self) -> _StopSignal:
-        self.old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            for sig in self.old:
-                signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. a demo's worker): no handlers, nothing to restore
-            self.old = {}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-class _progress:
-    """A rich progress bar with step/total, loss, lr, tokens/s and ETA, on the main process only."""
-
-    def __init__(self, accelerator: Any, total: int, done: int = 0):
-        self.enabled, self.total, self.done = accelerator.is_main_process, total, done
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda step, row: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                            TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-        self.bar.start()
-        task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
-
-        def update(step: int, row: dict[str, Any]) -> None:
-            info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
-            self.bar.update(task, completed=step, info=info)
-
-        return update
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 __all__ = ["METRICS", "resolve_precision", "TrainResult", "evaluate_loss", "loss_sum", "make_accelerator", "target_count", "train"]

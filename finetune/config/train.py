@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from finetune.config.base import Section
 
@@ -60,3 +60,9 @@ class TrainConfig(Section):
         description="On a GPU out-of-memory error, halve micro_batch_size and double gradient_accumulation (same "
         "effective batch) and retry the step.",
     )
+
+    @model_validator(mode="after")
+    def _patience_needs_eval(self) -> "TrainConfig":
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs eval_every (how often to evaluate), e.g. train.eval_every=100")
+        return self
