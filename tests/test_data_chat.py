@@ -50,7 +50,7 @@ def test_multi_turn_mask_token_by_token(tmp_path: Path, tok: Any, train_on: str,
 
 
 def test_fast_path_equals_exact_path_on_varied_conversations(tok: Any) -> None:
-    words = ["alice", "bob?", "the end.", "{\"a\": 1}", "  spaced  ", "new\nline", "Paris is the capital"]
+    words = ["alice", "bob?", "the end.", "{\"a\": 1}", "  spaced  ", "new\nline", "Paris est la capitale, café ☕ ünï"]
     convs = []
     for i in range(40):
         msgs = [{"role": "system", "content": words[i % 7]}] if i % 3 == 0 else []
@@ -58,9 +58,13 @@ def test_fast_path_equals_exact_path_on_varied_conversations(tok: Any) -> None:
             msgs += [{"role": "user", "content": words[(i + t) % 7]}, {"role": "assistant", "content": words[(i + 2 * t + 1) % 7]}]
         convs.append(msgs)
     enc = ChatEncoder(tok)
+    assert enc.bounds.lengths is not None  # byte-level BPE: boundaries from token byte lengths
     fast = enc.encode(convs, [f"row {i}" for i in range(40)])
     assert enc.fast and enc.fallbacks == 0
     assert fast == [ChatEncoder(tok).exact(m, "x") for m in convs]
+    offsets = ChatEncoder(tok)
+    offsets.bounds.lengths = None  # what a non-byte-level tokenizer gets: the tokenizer's own offsets
+    assert offsets.encode(convs, [f"row {i}" for i in range(40)]) == fast and offsets.fallbacks == 0
 
 
 def test_prompt_alone_must_be_a_token_prefix(tmp_path: Path, tiny_lm: Path) -> None:

@@ -11,9 +11,9 @@ render(messages[:k], add_generation_prompt=True) and render(messages[:k+1]). Two
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
+from finetune.data.tokenize import Boundaries
 from finetune.errors import DataError
 from finetune.prompting import chat_ids
 
@@ -36,6 +36,7 @@ class ChatEncoder:
         self.proven = 0  # rows checked against the exact path so far
         self.fallbacks = 0  # rows the fast path handed to the exact path
         self._template: Any = None
+        self.bounds = Boundaries(tok)
         self._kwargs: dict[str, Any] = {}
 
     def targets(self, messages: Messages) -> list[int]:
@@ -90,26 +91,26 @@ class ChatEncoder:
         starts = iter(self._render([m[:k] for m, ts in zip(convs, targets, strict=True) for k in ts], True))
         # a turn that ends the conversation ends where the full rendering ends: no need to render it again
         ends = iter(self._render([m[: k + 1] for m, ts in zip(convs, targets, strict=True) for k in ts if k + 1 < len(m)], False))
-        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        all_ids = self.bounds.encode(full)
         out = []
         for i, text in enumerate(full):
-            ids, offsets = list(enc["input_ids"][i]), enc["offset_mapping"][i]
             spans = [(next(starts), next(ends) if k + 1 < len(convs[i]) else text) for k in targets[i]]
-            example = self._labelled(text, ids, offsets, spans) if self.train_on != "all" else {"input_ids": ids, "labels": list(ids)}
+            example = self._labelled(i, text, all_ids[i], spans)
             if example is None:
                 self.fallbacks += 1
                 example = self.exact(convs[i], wheres[i])
             out.append(example)
         return out
 
-    def _labelled(self, text: str, ids: list[int], offsets: Any, spans: list[tuple[str, str]]) -> Example | None:
-        """Labels from string prefix lengths mapped to token positions; None when a boundary is not clean."""
-        token_starts = [int(o[0]) for o in offsets]
+    def _labelled(self, row: int, text: str, ids: list[int], spans: list[tuple[str, str]]) -> Example | None:
+        """Labels from the prefix renderings mapped to token positions; None when a boundary is not clean."""
+        if self.train_on == "all":
+            return {"input_ids": ids, "labels": list(ids)}
         labels = [IGNORE] * len(ids)
         for prompt, upto in spans:
             if not (text.startswith(prompt) and text.startswith(upto)):
                 return None
-            a, b = _token_at(token_starts, offsets, len(prompt)), _token_at(token_starts, offsets, len(upto))
+            a, b = self.bounds.token_at(row, prompt), self.bounds.token_at(row, upto)
             if a is None or b is None:
                 return None
             labels[a:b] = ids[a:b]
@@ -126,14 +127,6 @@ class ChatEncoder:
                 self.fast = False
                 out[:] = [self.exact(mm, ww) for mm, ww in zip(convs, wheres, strict=True)]
                 return
-
-
-def _token_at(starts: list[int], offsets: Any, char: int) -> int | None:
-    """Index of the first token starting at or after `char`; None if a token straddles `char`."""
-    i = bisect_left(starts, char)
-    if i > 0 and offsets[i - 1][1] > char:
-        return None
-    return i
 
 
 def check_end_of_turn(tok: Any, examples: list[dict[str, Any]], where: str) -> str:
