@@ -117,7 +117,11 @@ def _replace(tmp: Path, out: Path, gguf: GgufFile, dtype: str) -> None:
         if is_imported(out, gguf, dtype):  # another process finished the same import first: keep theirs
             return
         shutil.rmtree(out)  # only reached with force=True
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not is_imported(out, gguf, dtype):  # lost a race to a process that imported the same file: fine
+            raise
 
 
 def _convert(gguf: GgufFile, tmp: Path, dtype: str) -> None:
