@@ -36,7 +36,7 @@ def run_train(cfg: JobConfig) -> Path:
         result = train.train(net, bundle, cfg.train, accelerator, work, cfg.model_dump())
     with _timed(timings, "save_s"):
         request = save.SaveRequest(cfg, source, _run_info(cfg, bundle, result, timings, accelerator, net), _probe(bundle), bundle.labels)
-        folder = save.save_adapter(result.model or net, tokenizer, request, accelerator)
+        folder = save.save_adapter(net if result.model is None else result.model, tokenizer, request, accelerator)
     if accelerator.is_main_process:
         _copy_logs(work, folder, cfg.train.plot)
     say(f"adapter saved and verified: {folder.resolve()}")

@@ -127,6 +127,7 @@ class _Loop:
                                        num_training_steps=self.total)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.inner = acc.unwrap_model(self.model)
+        self.prepared = self.model  # what save gathers from: a compiled wrapper would prefix every key with _orig_mod.
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.best: dict[str, Any] | None = None
@@ -291,7 +292,7 @@ class _Loop:
             ckpt.load_trainable(self.inner, self.best)
             self.acc.print(f"keeping the best adapter: step {s.best_step} (eval loss {s.best_loss:.4f})")
         self.log.close()
-        result.steps, result.tokens, result.losses, result.model = s.step, s.tokens, list(s.losses), self.model
+        result.steps, result.tokens, result.losses, result.model = s.step, s.tokens, list(s.losses), self.prepared
         result.eval_loss, result.best_step = s.best_loss, s.best_step
         result.seconds = time.perf_counter() - start
         result.peak_memory_mb = _peak_memory_mb()

@@ -351,3 +351,12 @@ def test_bf16_autocast_run_verifies_in_full_precision(tiny_lm: Path, tmp_path: P
     folder = _run(tmp_path, tiny_lm, "bf", max_steps=2, precision="bf16")
     run = json.loads((folder / "run.json").read_text())
     assert run["precision"] == "bf16" and run["verification"]["max_logit_diff"] == 0.0
+
+
+@pytest.mark.slow  # the first torch.compile costs 15-60 s on CPU
+def test_compiled_training_matches_and_saves_the_adapter(tiny_lm: Path, tmp_path: Path) -> None:
+    """A compiled wrapper prefixes state-dict keys with _orig_mod.; the save must gather from the plain model."""
+    plain = _run(tmp_path, tiny_lm, "plain", max_steps=3)
+    compiled = _run(tmp_path, tiny_lm, "compiled", max_steps=3, compile=True)
+    assert all(abs(x - y) < 1e-5 for x, y in zip(_losses(plain), _losses(compiled), strict=True))
+    assert json.loads((compiled / "run.json").read_text())["verification"]["tensors"] > 0
