@@ -249,8 +249,9 @@ class _Loop:
 
     def _maybe_evaluate(self, row: dict[str, Any]) -> bool:
         """Evaluate when due; returns True when early stopping says stop."""
-        every = self.cfg.eval_every
-        if not (every and self.data.validation and self.state.step % every == 0):
+        every, step = self.cfg.eval_every, self.state.step
+        # The last step is always evaluated (into its own metrics row) when there is validation data.
+        if not (self.data.validation and ((every and step % every == 0) or step == self.total)):
             return False
         self._record_eval(row)
         patience = self.cfg.early_stopping_patience
