@@ -99,6 +99,19 @@ def test_classification_names_pairs_and_label_map(tmp_path: Path, tok: Any) -> N
         build_data(cfg(tmp_path, str(f)), tok)
 
 
+def test_classification_needs_no_eos_token(tmp_path: Path, tiny_encoder: Path) -> None:
+    """Encoders such as BERT/MiniLM have no EOS; only generation formats need one."""
+    from transformers import AutoTokenizer
+
+    enc_tok = AutoTokenizer.from_pretrained(tiny_encoder)
+    enc_tok.eos_token = None
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": "good day", "label": 1}, {"text": "bad day", "label": 0}])
+    assert [ex["label"] for ex in build_data(cfg(tmp_path, str(f)), enc_tok, task="classification").train] == [1, 0]
+    g = write_jsonl(tmp_path / "p.jsonl", qa_rows(2))
+    with pytest.raises(DataError, match="no EOS token"):
+        build_data(cfg(tmp_path, str(g), use_chat_template="never"), enc_tok)
+
+
 # --- sources ---------------------------------------------------------------------------------------------------
 
 

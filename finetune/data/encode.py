@@ -45,13 +45,14 @@ class Encoder:
         self.cfg, self.tok, self.chat = cfg, tok, chat
         self.chat_encoder = ChatEncoder(tok, cfg.train_on) if chat else None
         self.label_index = {name: i for i, name in enumerate(labels or [])}
-        if tok.eos_token_id is None:
-            raise DataError("the tokenizer has no EOS token, so answers cannot be ended; set one in the tokenizer")
 
     def encode(self, records: list[Record], wheres: list[str], counts: Counts) -> list[Example]:
         """Records of one kind; returns the examples that survive the length policy."""
         counts.rows += len(records)
         kind = records[0]["kind"]
+        if kind != "cls" and self.tok.eos_token_id is None:
+            # Classification needs no EOS (encoders such as BERT have none); generation does.
+            raise DataError("the tokenizer has no EOS token, so answers cannot be ended; set one in the tokenizer")
         if kind == "cls":
             raw = self._classification(records, wheres)
         elif kind == "text":
