@@ -133,15 +133,5 @@ def test_real_quickstart_gains_60_points_on_held_out_sentences(tmp_path: Path) -
 
 
 def _json_exact_match(report: dict, side: str) -> float:
-    """eval.json's json_exact_match for `side` (base or adapter), wherever the eval report nests it."""
-    found = [v for path, v in _walk(report) if path[-1] == "json_exact_match" and side in path]
-    assert found, f"no json_exact_match for {side} in eval.json"
-    return float(found[0])
-
-
-def _walk(node: object, path: tuple = ()):  # type: ignore[no-untyped-def]
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _walk(value, (*path, key))
-    else:
-        yield path, node
+    """eval.json's json_exact_match for `side` (base or adapter): metrics -> name -> {base, adapter, delta}."""
+    return float(report["metrics"]["json_exact_match"][side])
