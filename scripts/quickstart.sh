@@ -9,9 +9,11 @@
 # (parent folder of the adapter, default adapters), QUICKSTART_EVAL_ARGS (extra `finetune eval` arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+# Offline unless a hub model was asked for (it may need downloading once); an explicit HF_HUB_OFFLINE wins.
+offline=1
+[ -z "${QUICKSTART_MODEL:-}" ] || offline=0
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-$offline}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
-[ -z "${QUICKSTART_MODEL:-}" ] || export HF_HUB_OFFLINE=0  # a hub id may need downloading once
 PY=.venv/bin/python
 FT=.venv/bin/finetune
 CONFIG=configs/quickstart.yaml
