@@ -25,7 +25,8 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, problems: list[ConfigProblem]):
         self.source = source
-        self.problems = problems
+        # In file order, so the report reads top to bottom like the YAML; problems without a line come last.
+        self.problems = sorted(problems, key=lambda p: (p.line is None, p.line or 0))
         super().__init__(self.format())
 
     def format(self) -> str:
