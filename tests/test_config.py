@@ -124,3 +124,12 @@ def test_load_config_from_file(train_file: Path, tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(BASE.format(train=train_file))
     assert load_config(job).model.name_or_path == "some/model"
+
+
+def test_overrides_may_follow_options() -> None:
+    from finetune.cli import parse_args
+
+    args = parse_args(["train", "job.yaml", "lora.r=4", "--profile", "2", "train.max_steps=3"])
+    assert args.overrides == ["lora.r=4", "train.max_steps=3"] and args.profile == 2
+    with pytest.raises(SystemExit):
+        parse_args(["train", "job.yaml", "--no-such-flag"])
