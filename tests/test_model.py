@@ -7,22 +7,30 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.config.data import DataConfig
 from finetune.config.model import ModelConfig
-from finetune.data.collate import PadCollator
-from finetune.data.formats import encode_chat, encode_prompt_completion
+from finetune.data import build_data
+from finetune.data.chat import ChatEncoder
 from finetune.errors import ModelError
 from finetune.model import check_pair, load_model, resolve_source, set_pad_token
 
 
-def test_pad_equal_to_eos_still_trains_eos(tiny_lm_plain: Path) -> None:
+def test_pad_equal_to_eos_still_trains_eos(tiny_lm_plain: Path, tmp_path: Path) -> None:
+    """Through the production data path (build_data + its collator), with pad == eos."""
     from transformers import AutoTokenizer
+
+    from finetune.testing import write_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_plain)
     tok.pad_token = tok.eos_token  # the common setup that makes other tools mask the EOS out of the loss
     assert set_pad_token(tok) == "eos"
-    short = encode_prompt_completion(tok, "name: bob", "hello bob")
-    long = encode_prompt_completion(tok, "name: carol", "hello carol, a longer answer")
-    batch = PadCollator(tok.pad_token_id)([short, long])
+    rows = [{"prompt": "name: bob", "completion": "hello bob"},
+            {"prompt": "name: carol", "completion": "hello carol, a longer answer"}]
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), cache=False, use_chat_template="never")
+    bundle = build_data(cfg, tok)
+    short = next(e for e in bundle.train if len(e["input_ids"]) == min(len(x["input_ids"]) for x in bundle.train))
+    long = next(e for e in bundle.train if e is not short)
+    batch = bundle.collator([short, long])
     n = len(short["input_ids"])
     assert batch["labels"][0, n - 1] == tok.eos_token_id  # the example's own EOS is a target
     assert (batch["labels"][0, n:] == -100).all()  # padding (same id as EOS) is not
@@ -43,7 +51,7 @@ def test_chat_labels_cover_each_assistant_turn_and_its_eos(tiny_lm: Path) -> Non
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     messages = [{"role": "user", "content": "who is bob?"}, {"role": "assistant", "content": "a friend"},
                 {"role": "user", "content": "and?"}, {"role": "assistant", "content": "the end"}]
-    ex = encode_chat(tok, messages, "test")
+    ex = ChatEncoder(tok, "assistant").exact(messages, "test")
     trained = tok.decode([i for i, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100])
     assert trained == "a friend<|im_end|>\nthe end<|im_end|>\n"
     assert ex["labels"].count(tok.eos_token_id) == 2

@@ -10,9 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from finetune.config.data import ColumnsConfig
-from finetune.data.chat import IGNORE, ChatEncoder
 from finetune.errors import DataError
-from finetune.prompting import prompt_ids
 
 Record = dict[str, Any]
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -123,29 +121,3 @@ FORMATS: dict[str, Normaliser] = {"text": _text, "prompt_completion": _prompt_co
 
 def normalise(row: dict[str, Any], fmt: str, cols: ColumnsConfig, where: str, system: str | None = None) -> Record:
     return FORMATS[fmt](row, cols, where, system)
-
-
-# Single-row encoders: what eval and tests use to encode one row exactly as training does.
-
-
-def encode_row(tok: Any, row: dict[str, Any], fmt: str, chat: bool, where: str) -> dict[str, list[int]]:
-    record = normalise(row, fmt, ColumnsConfig(), where)
-    if record["kind"] == "chat":
-        return encode_chat(tok, record["messages"], where)
-    if record["kind"] != "pair":
-        raise DataError(f"{where}: encode_row handles chat, prompt_completion and instruction rows, not '{fmt}'")
-    if chat:
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-        return encode_chat(tok, messages, where)
-    return encode_prompt_completion(tok, record["prompt"], record["completion"])
-
-
-def encode_chat(tok: Any, messages: list[dict[str, Any]], where: str, train_on: str = "assistant") -> dict[str, list[int]]:
-    return ChatEncoder(tok, train_on).exact(messages, where)
-
-
-def encode_prompt_completion(tok: Any, prompt: str, completion: str) -> dict[str, list[int]]:
-    """Prompt tokenized alone (as inference will see it), then the completion, then EOS, which is trained."""
-    p = prompt_ids(tok, prompt, chat=False)
-    c = list(tok(completion, add_special_tokens=False)["input_ids"]) + [tok.eos_token_id]
-    return {"input_ids": p + c, "labels": [IGNORE] * len(p) + c}
