@@ -72,12 +72,6 @@ def expand_files(path: str) -> list[Path]:
     return files
 
 
-def read_rows(path: str, on_bad_rows: str = "error") -> list[dict[str, Any]]:
-    """All rows of a local file, glob or folder (what eval uses for its own files)."""
-    bad = BadRows(on_bad_rows)
-    return [row for f in expand_files(path) for row, _ in READERS[f.suffix](f, bad)]
-
-
 def iter_source(src: SourceConfig, bad: BadRows, streaming: bool) -> Iterator[Row]:
     if src.hub is not None:
         yield from _iter_hub(src, streaming)
