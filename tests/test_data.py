@@ -236,9 +236,8 @@ def test_streaming_equals_eager_and_holds_out_the_same_way(tmp_path: Path, tok: 
 # --- preview ---------------------------------------------------------------------------------------------------
 
 
-def test_preview_marks_trained_tokens_and_prints_stats(tmp_path: Path, tiny_lm: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_preview_marks_trained_tokens_and_prints_stats(tmp_path: Path, tiny_lm: Path, capsys: pytest.CaptureFixture[str], write_job) -> None:
     from finetune.cli import main
-    from tests.conftest import write_job
 
     f = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
     job = write_job(tmp_path, tiny_lm, f)
@@ -251,9 +250,8 @@ def test_preview_marks_trained_tokens_and_prints_stats(tmp_path: Path, tiny_lm: 
     assert "packing_efficiency:" in out and "length histogram" in out and "rows: 8" in out
 
 
-def test_train_streaming_end_to_end_and_needs_max_steps(tmp_path: Path, tiny_lm: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_streaming_end_to_end_and_needs_max_steps(tmp_path: Path, tiny_lm: Path, capsys: pytest.CaptureFixture[str], write_job) -> None:
     from finetune.cli import main
-    from tests.conftest import write_job
 
     f = write_jsonl(tmp_path / "d.jsonl", qa_rows(40))
     job = write_job(tmp_path, tiny_lm, f, data={"streaming": True, "val_size": 8, "packing": True},

@@ -76,7 +76,7 @@ def test_position_ids_alone_would_leak_across_examples(tmp_path: Path, tiny_lm: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.train import loss_sum
+    from finetune.training.loop import loss_sum
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     f = write_jsonl(tmp_path / "d.jsonl", qa_rows(4))
@@ -89,9 +89,8 @@ def test_position_ids_alone_would_leak_across_examples(tmp_path: Path, tiny_lm: 
         assert abs(float(loss_sum(model, masked)) - float(loss_sum(model, varlen))) > 1e-3
 
 
-def test_train_with_packing_end_to_end(tmp_path: Path, tiny_lm: Path) -> None:
+def test_train_with_packing_end_to_end(tmp_path: Path, tiny_lm: Path, write_job) -> None:
     from finetune.cli import main
-    from tests.conftest import write_job
 
     f = write_jsonl(tmp_path / "d.jsonl", qa_rows(32))
     job = write_job(tmp_path, tiny_lm, f, data={"packing": True, "max_seq_len": 64, "cache_dir": str(tmp_path / "c")},

@@ -17,9 +17,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from finetune.inference import BASE, Engine, GenerationParams, Limits, load_engine
-from finetune.testing import qa_rows
-from tests.test_inference import CLASS_ROWS, SlowNoEos, farewell_rows, last, train_adapter
+from finetune.serving.engine import BASE, Engine, GenerationParams, Limits, load_engine
+from finetune.testing import class_rows, farewell_rows, last, qa_rows
 
 CHROMIUM = "/usr/bin/chromium"
 # ENVIRONMENT.md: what keeps Debian chromium quiet and offline; the resolver rule makes any other host unreachable.
@@ -32,12 +31,12 @@ GREEDY_ARGS = (12, 0.0, 0.95, 0)
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, tiny_encoder: Path) -> dict[str, Path]:
+def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, tiny_encoder: Path, train_tiny) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("demo")
     return {
-        "greeter": train_adapter(tmp, tiny_lm, qa_rows(), "greeter"),
-        "farewell": train_adapter(tmp, tiny_lm, farewell_rows(), "farewell"),
-        "sentiment": train_adapter(tmp, tiny_encoder, CLASS_ROWS, "sentiment", task="classification", steps=20),
+        "greeter": train_tiny(tmp, tiny_lm, qa_rows(), "greeter"),
+        "farewell": train_tiny(tmp, tiny_lm, farewell_rows(), "farewell"),
+        "sentiment": train_tiny(tmp, tiny_encoder, class_rows(), "sentiment", task="classification", steps=20),
     }
 
 
@@ -112,8 +111,8 @@ def test_streaming_sends_growing_prefixes(client: Any, engine: Engine) -> None:
     assert outputs[-1] == last(engine.generate("greeter", "name: carol", greedy()))
 
 
-def test_cancel_stops_the_generation_on_the_server(client: Any, engine: Engine) -> None:
-    with SlowNoEos(engine, delay=0.05) as probe:
+def test_cancel_stops_the_generation_on_the_server(client: Any, engine: Engine, slow_no_eos) -> None:
+    with slow_no_eos(engine, delay=0.05) as probe:
         job = client.submit(BASE, "name: dave", 300, 1.0, 0.95, 3, api_name="/generate")
         deadline = time.time() + 30
         while len(job.outputs()) < 2 and time.time() < deadline:

@@ -11,11 +11,10 @@ from finetune.cli import main
 from finetune.errors import DataError, ModelError
 from finetune.evaluation import EvalOptions, run_eval
 from finetune.testing import qa_rows, write_jsonl
-from tests.conftest import write_job
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory, write_job) -> Path:
     """The tiny job's adapter: prompt/completion data through the chat template, with a validation file."""
     tmp = tmp_path_factory.mktemp("eval_job")
     train = write_jsonl(tmp / "train.jsonl", qa_rows(32))
@@ -99,8 +98,8 @@ def test_base_and_adapter_get_identical_prompts_and_match_independent_models(tra
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_lm: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.data.prompting import stop_token_ids
     from finetune.evaluation.generate import Decoding, encode_prompts, generate
-    from finetune.prompting import stop_token_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
@@ -137,13 +136,13 @@ def test_json_metric_and_general_loss(trained: Path, tmp_path):
 
 
 def test_a_base_that_does_not_fit_is_refused_before_loading(trained: Path, tiny_encoder: Path, tmp_path, monkeypatch):
-    from finetune import adapters
+    from finetune.lifecycle import folder
     from finetune.testing import make_causal_lm
 
     def never(*a, **k):
         raise AssertionError("weights were loaded before the fit check")
 
-    monkeypatch.setattr(adapters, "load_adapter", never)
+    monkeypatch.setattr(folder, "load_base_model", never)
     wider = make_causal_lm(tmp_path / "wider", hidden=48)
     with pytest.raises(ModelError, match=r"does not fit.*\n.*mlp.down_proj: the adapter expects input size 64, the base module has 96"):
         run_eval(EvalOptions(str(trained), base=str(wider), out=str(tmp_path)))
@@ -184,13 +183,13 @@ def cls_adapter(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     from finetune.config.lora import LoraConfig
     from finetune.config.model import ModelConfig
-    from finetune.lora import wrap_lora
     from finetune.model import load_base_model, resolve_source
+    from finetune.model.lora import wrap_lora
 
     folder = tmp_path_factory.mktemp("cls") / "adapter"
     torch.manual_seed(1)
     cfg = ModelConfig(name_or_path=str(tiny_encoder))
-    model = wrap_lora(load_base_model(resolve_source(cfg), cfg, "classification", None, ["neg", "pos", "other"]),
+    model = wrap_lora(load_base_model(resolve_source(cfg), cfg, "classification", "none", ["neg", "pos", "other"]),
                       LoraConfig(r=4, alpha=8, dropout=0.0), "classification")
     with torch.no_grad():
         for name, p in model.named_parameters():

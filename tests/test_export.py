@@ -16,16 +16,15 @@ from safetensors.torch import load_file
 
 from finetune.config import load_config
 from finetune.errors import FinetuneError, VerificationError
-from finetune.export_gguf import export_lora_gguf, permute_rows, read_lora_gguf, verify_lora_gguf
+from finetune.lifecycle.gguf_export import export_lora_gguf, permute_rows, read_lora_gguf, verify_lora_gguf
 from finetune.testing import qa_rows, write_jsonl
-from tests.conftest import write_job
 
 LLAMA_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def adapter(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory, write_job) -> Path:
     from finetune.pipeline import run_train
 
     tmp = tmp_path_factory.mktemp("export_run")

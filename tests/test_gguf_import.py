@@ -11,76 +11,12 @@ import pytest
 
 from finetune.config.model import ModelConfig
 from finetune.errors import ModelError
-
-
-def _permute(w, n_head: int):  # type: ignore[no-untyped-def]
-    """llama.cpp's q/k row order (convert_hf_to_gguf.py LlamaModel.permute); transformers undoes it on load."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def write_gguf(hf_folder: Path, out: Path) -> Path:
-    """Write the tiny HF Llama in `hf_folder` (finetune.testing.make_causal_lm) as an F32 GGUF file with its
-    byte-level BPE tokenizer and chat template."""
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    cfg = AutoConfig.from_pretrained(hf_folder)
-    tok = AutoTokenizer.from_pretrained(hf_folder)
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    _add_tokenizer(w, tok, hf_folder)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, value in sorted(load_file(str(hf_folder / "model.safetensors")).items()):
-        value = value.astype(np.float32)
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
-            part = rest.rsplit(".", 1)[0]
-            if part == "self_attn.q_proj":
-                value = _permute(value, cfg.num_attention_heads)
-            elif part == "self_attn.k_proj":
-                value = _permute(value, cfg.num_key_value_heads)
-            names[name] = f"blk.{i}.{parts[part]}.weight"
-        w.add_tensor(names[name], value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
-
-
-def _add_tokenizer(w, tok, hf_folder: Path) -> None:  # type: ignore[no-untyped-def]
-    model = json.loads((hf_folder / "tokenizer.json").read_text())["model"]
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    special = set(tok.added_tokens_decoder)  # ids of <|im_start|> and friends: control tokens in GGUF terms
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if i in special else 1 for _, i in vocab])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    w.add_bos_token_id(tok.bos_token_id)
-    w.add_eos_token_id(tok.eos_token_id)
-    w.add_pad_token_id(tok.pad_token_id)
-    w.add_chat_template(tok.chat_template)
+from finetune.testing import write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_gguf(tiny_lm, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    return write_tiny_gguf(tiny_lm, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 @pytest.fixture()
@@ -101,7 +37,7 @@ def _logits(folder: Path, ids: list[int]):  # type: ignore[no-untyped-def]
 def test_import_matches_the_original_model_and_tokenizer(tiny_lm: Path, tiny_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from finetune.gguf_import import STAMP, import_gguf
+    from finetune.model.gguf_import import STAMP, import_gguf
 
     out = import_gguf(tiny_gguf, tmp_path / "hf", dtype="float32")
     config = json.loads((out / "config.json").read_text())
@@ -142,7 +78,7 @@ def test_a_changed_gguf_file_gets_a_new_cache_entry(tiny_gguf: Path, cache: Path
 
 
 def test_import_refuses_to_overwrite_a_foreign_folder(tiny_gguf: Path, tmp_path: Path) -> None:
-    from finetune.gguf_import import import_gguf
+    from finetune.model.gguf_import import import_gguf
 
     taken = tmp_path / "taken"
     taken.mkdir()

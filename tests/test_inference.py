@@ -1,4 +1,4 @@
-"""finetune.inference: the functions the demo calls, checked against plain transformers / peft references on tiny
+"""finetune.serving.engine: the functions the demo calls, checked against plain transformers / peft references on tiny
 adapters trained by the real pipeline (once per module)."""
 
 from __future__ import annotations
@@ -10,44 +10,21 @@ from typing import Any
 
 import pytest
 
-from finetune.inference import BASE, Engine, GenerationParams, InputError, Limits, load_engine
-from finetune.testing import qa_rows, write_jsonl
+from finetune.serving.engine import BASE, Engine, GenerationParams, InputError, Limits, load_engine
+from finetune.testing import class_rows, farewell_rows, last, qa_rows
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0)
 SAMPLED = GenerationParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
-CLASS_ROWS = [{"text": f"{w} movie", "label": lab} for w, lab in [("great", "pos"), ("awful", "neg"), ("fine", "pos"), ("bad", "neg")] * 8]
-
-
-def train_adapter(tmp: Path, model_dir: Path, rows: list[dict], name: str, task: str = "causal_lm", steps: int = 30) -> Path:
-    """Run the real training pipeline on a tiny job; returns the verified adapter folder."""
-    import yaml
-
-    from finetune.config import load_config
-    from finetune.pipeline import run_train
-    from tests.conftest import write_job
-
-    work = tmp / name
-    work.mkdir()
-    job_path = write_job(work, model_dir, write_jsonl(work / "train.jsonl", rows), output={"run_name": name, "dir": str(tmp / "adapters")},
-                         train={"max_steps": steps})
-    job = yaml.safe_load(job_path.read_text())
-    job["task"] = task
-    job_path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return run_train(load_config(job_path))
-
-
-def farewell_rows() -> list[dict]:
-    return [{"prompt": r["prompt"], "completion": r["completion"].replace("hello", "bye")} for r in qa_rows()]
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, tiny_lm_plain: Path, tiny_encoder: Path) -> dict[str, Path]:
+def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path, tiny_lm_plain: Path, tiny_encoder: Path, train_tiny) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("inference")
     return {
-        "greeter": train_adapter(tmp, tiny_lm, qa_rows(), "greeter"),
-        "farewell": train_adapter(tmp, tiny_lm, farewell_rows(), "farewell"),
-        "plain": train_adapter(tmp, tiny_lm_plain, qa_rows(), "plain", steps=4),
-        "sentiment": train_adapter(tmp, tiny_encoder, CLASS_ROWS, "sentiment", task="classification", steps=20),
+        "greeter": train_tiny(tmp, tiny_lm, qa_rows(), "greeter"),
+        "farewell": train_tiny(tmp, tiny_lm, farewell_rows(), "farewell"),
+        "plain": train_tiny(tmp, tiny_lm_plain, qa_rows(), "plain", steps=4),
+        "sentiment": train_tiny(tmp, tiny_encoder, class_rows(), "sentiment", task="classification", steps=20),
     }
 
 
@@ -56,19 +33,11 @@ def engine(adapters: dict[str, Path]) -> Engine:
     return load_engine([adapters["greeter"], adapters["farewell"], adapters["sentiment"]])
 
 
-def last(stream: Any) -> Any:
-    """The final value of a stream (the full text), consuming it."""
-    from collections import deque
-
-    tail = deque(stream, maxlen=1)
-    return tail[0] if tail else None
-
-
 def reference_text(model: Any, tok: Any, prompt: str, chat: bool, max_new_tokens: int) -> str:
     """Plain `generate` (greedy) on a model loaded on its own, decoded the way the streamer decodes."""
     import torch
 
-    from finetune.prompting import prompt_ids
+    from finetune.data.prompting import prompt_ids
 
     ids = prompt_ids(tok, prompt, chat=chat)
     with torch.inference_mode():
@@ -84,7 +53,7 @@ def test_picker_lists_base_then_adapters_in_order(engine: Engine) -> None:
 
 @pytest.mark.parametrize("name", ["greeter", "farewell"])
 def test_adapter_generation_equals_peft_loaded_alone(engine: Engine, adapters: dict[str, Path], name: str) -> None:
-    from finetune.adapters import load_adapter
+    from finetune.lifecycle.folder import load_adapter
 
     model, tok, info = load_adapter(adapters[name])
     expected = reference_text(model, tok, "name: carol", info.chat, GREEDY.max_new_tokens)
@@ -135,7 +104,7 @@ def test_chat_renders_messages_through_the_template(engine: Engine) -> None:
 
 
 def test_plain_text_adapter_renders_without_template_and_refuses_chat(adapters: dict[str, Path]) -> None:
-    from finetune.adapters import load_adapter
+    from finetune.lifecycle.folder import load_adapter
 
     plain = load_engine([adapters["plain"]])
     model, tok, info = load_adapter(adapters["plain"])
@@ -148,7 +117,7 @@ def test_plain_text_adapter_renders_without_template_and_refuses_chat(adapters: 
 def test_classify_gives_label_probabilities_equal_to_the_reference(engine: Engine, adapters: dict[str, Path]) -> None:
     import torch
 
-    from finetune.adapters import load_adapter
+    from finetune.lifecycle.folder import load_adapter
 
     model, tok, info = load_adapter(adapters["sentiment"])
     with torch.inference_mode():
@@ -191,33 +160,11 @@ def test_max_new_tokens_is_capped_by_the_server(engine: Engine, adapters: dict[s
     assert capped != last(engine.generate(BASE, "name: heidi", GenerationParams(max_new_tokens=12, temperature=0.0)))
 
 
-class SlowNoEos:
-    """Forward hook on the LM head: counts decoding steps, slows them down and bans EOS, so only a cancel ends
-    a long generation."""
-
-    def __init__(self, engine: Engine, delay: float = 0.01):
-        self.entry, self.delay, self.calls = engine.entries[BASE], delay, 0
-
-    def __enter__(self) -> SlowNoEos:
-        head = self.entry.model.get_output_embeddings()
-        self.handle = head.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
-
-    def _hook(self, module: Any, inputs: Any, output: Any) -> Any:
-        self.calls += 1
-        time.sleep(self.delay)
-        output[..., self.entry.stop_ids] = float("-inf")
-        return output
-
-
 @pytest.mark.parametrize("how", ["event", "close"])
-def test_cancel_stops_the_model_at_the_next_token(engine: Engine, how: str) -> None:
+def test_cancel_stops_the_model_at_the_next_token(engine: Engine, how: str, slow_no_eos) -> None:
     long = GenerationParams(max_new_tokens=300, temperature=1.0, seed=1)
     cancel = threading.Event()
-    with SlowNoEos(engine) as probe:
+    with slow_no_eos(engine) as probe:
         stream = engine.generate(BASE, "name: alice", long, cancel)
         for i, _ in enumerate(stream):
             if i == 2:
@@ -229,7 +176,7 @@ def test_cancel_stops_the_model_at_the_next_token(engine: Engine, how: str) -> N
         time.sleep(0.2)
         assert probe.calls <= calls_at_cancel + 2 < 20  # stopped, nowhere near 300
     assert not engine._lock.locked()
-    with SlowNoEos(engine, delay=0) as probe:  # without a cancel the same request runs its full length
+    with slow_no_eos(engine, delay=0) as probe:  # without a cancel the same request runs its full length
         last(engine.generate(BASE, "name: alice", GenerationParams(max_new_tokens=40, temperature=1.0, seed=1)))
     assert probe.calls == 40
 

@@ -12,25 +12,17 @@ from safetensors.torch import load_file
 from finetune.config import load_config
 from finetune.errors import FinetuneError, VerificationError
 from finetune.testing import make_causal_lm, qa_rows, write_jsonl
-from tests.conftest import write_job
-
-
-def _train(tmp: Path, base: Path, **sections: dict) -> Path:
-    from finetune.pipeline import run_train
-
-    train = write_jsonl(tmp / "train.jsonl", qa_rows(16))
-    return run_train(load_config(write_job(tmp, base, train, **sections)))
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def adapter(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory, train_tiny) -> Path:
     """A real adapter from the pipeline; lr high enough that it visibly moves the logits."""
-    return _train(tmp_path_factory.mktemp("merge_run"), tiny_lm, train={"max_steps": 6, "learning_rate": 3e-2})
+    return train_tiny(tmp_path_factory.mktemp("merge_run"), tiny_lm, qa_rows(16), "tiny", steps=6, train={"learning_rate": 3e-2})
 
 
 @pytest.fixture(scope="module")
 def merged_fp32(adapter: Path, tmp_path_factory: pytest.TempPathFactory):
-    from finetune.merge import merge_adapter
+    from finetune.lifecycle.merge import merge_adapter
 
     out = tmp_path_factory.mktemp("merged") / "fp32"
     return out, merge_adapter(adapter, out, dtype="fp32", max_shard_size="100KB")
@@ -72,7 +64,7 @@ def test_merged_weight_equals_w_plus_scaled_ba(merged_fp32, adapter: Path, tiny_
 
 def test_corrupted_merge_is_caught_and_nothing_is_left(adapter: Path, tmp_path: Path, monkeypatch) -> None:
     """The 'merged twice' bug: every update applied two times. Verification must refuse it and leave no output."""
-    from finetune import merge
+    from finetune.lifecycle import merge
 
     def merge_twice(model):
         for module in model.modules():
@@ -91,7 +83,7 @@ def test_corrupted_checkpoint_on_disk_is_caught(adapter: Path, tmp_path: Path, m
     """A save that damages the written weights (here: one layer's weight scaled) fails the reload check."""
     from safetensors.torch import save_file
 
-    from finetune import merge
+    from finetune.lifecycle import merge
 
     original_save = merge._save
 
@@ -122,7 +114,7 @@ def test_bf16_merge_via_cli(adapter: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_refuses_existing_output(adapter: Path, tmp_path: Path) -> None:
-    from finetune.merge import merge_adapter
+    from finetune.lifecycle.merge import merge_adapter
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(FinetuneError, match="exists"):
@@ -130,20 +122,20 @@ def test_refuses_existing_output(adapter: Path, tmp_path: Path) -> None:
 
 
 def test_greedy_divergence_only_forgiven_at_a_near_tie() -> None:
-    from finetune.merge import _compare_greedy
+    from finetune.lifecycle.merge import _compare_greedy
 
     assert _compare_greedy([1, 2, 3], [1, 2, 3], [5.0, 5.0, 5.0], 1e-4) == "same"
     assert _compare_greedy([1, 2, 3], [1, 9, 3], [5.0, 1e-5, 5.0], 1e-4) == "tie"
     assert _compare_greedy([1, 2, 3], [1, 9, 3], [5.0, 0.5, 5.0], 1e-4) == "different"
 
 
-def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path: Path) -> None:
+def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path: Path, train_tiny) -> None:
     """Merged weight = dequant(nf4(W)) + delta: the weights the adapter was trained against, not the fp32 originals."""
     pytest.importorskip("bitsandbytes")
-    from finetune.merge import merge_adapter
+    from finetune.lifecycle.merge import merge_adapter
 
     base = make_causal_lm(tmp_path / "base64", hidden=64)  # bnb's CPU 4-bit kernels need rows of >= 64 values
-    adapter = _train(tmp_path, base, lora={"quantization": "4bit"}, train={"max_steps": 3})
+    adapter = train_tiny(tmp_path, base, qa_rows(16), "tiny", steps=3, lora={"quantization": "4bit"})
     report = merge_adapter(adapter, tmp_path / "merged", dtype="fp32")
     assert report.quantized_base and report.max_logit_diff <= report.tolerance and report.greedy_identical == report.prompts
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
@@ -163,15 +155,15 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path: Path) -> None:
 def _dequantized_weight(base: Path, name: str) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import _bnb_config
+    from finetune.model.loading import _bnb_config
 
     model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=_bnb_config("4bit"), dtype=torch.float32)
     return model.dequantize().get_submodule(name).weight.detach().float()
 
 
-def test_classifier_adapter_merges_with_its_trained_head(tiny_encoder: Path, tmp_path: Path) -> None:
+def test_classifier_adapter_merges_with_its_trained_head(tiny_encoder: Path, tmp_path: Path, write_job) -> None:
     """SEQ_CLS: the classifier head trained in full (modules_to_save) must survive the merge."""
-    from finetune.merge import merge_adapter
+    from finetune.lifecycle.merge import merge_adapter
     from finetune.pipeline import run_train
 
     rows = [{"text": f"{w} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}

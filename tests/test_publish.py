@@ -12,7 +12,6 @@ import yaml
 
 from finetune.config import load_config
 from finetune.testing import qa_rows, write_jsonl
-from tests.conftest import write_job
 from tests.hub_server import FakeHub
 
 TOKEN = "hf_" + "Zq3" * 12  # shaped like a real token, so the secret scan would notice it anywhere
@@ -21,7 +20,7 @@ EXPECTED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "ch
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory, write_job) -> Path:
     from finetune.pipeline import run_train
 
     tmp = tmp_path_factory.mktemp("publish_run")
@@ -63,8 +62,8 @@ def test_dry_run_writes_the_exact_folder_and_it_reloads_with_peft(adapter: Path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import load_adapter
     from finetune.cli import main
+    from finetune.lifecycle.folder import load_adapter
 
     out = tmp_path / "hub"
     args = ["publish", str(adapter), "--repo-id", "me/tiny-lora", "--dry-run", "--out", str(out),
@@ -84,7 +83,7 @@ def test_dry_run_writes_the_exact_folder_and_it_reloads_with_peft(adapter: Path,
 
 
 def test_model_card_metadata_and_content(adapter: Path, tmp_path: Path, no_login) -> None:
-    from finetune.publish import PublishRequest, publish
+    from finetune.lifecycle.publish import PublishRequest, publish
 
     out = tmp_path / "hub"
     publish(PublishRequest(adapter, "me/tiny-lora", dry_run=True, out=out, base_model="org/tiny-base", datasets=["org/qa"]))
@@ -133,7 +132,7 @@ def test_wrong_token_fails_cleanly_and_never_echoes_it(adapter: Path, hub: FakeH
 
 def test_refusals_before_any_network(adapter: Path, no_login, monkeypatch) -> None:
     from finetune.errors import FinetuneError
-    from finetune.publish import PublishRequest, publish
+    from finetune.lifecycle.publish import PublishRequest, publish
 
     with pytest.raises(FinetuneError, match="USER/NAME"):
         publish(PublishRequest(adapter, "not a repo id", dry_run=True))
@@ -148,7 +147,7 @@ def test_refusals_before_any_network(adapter: Path, no_login, monkeypatch) -> No
 
 def test_a_token_inside_the_adapter_folder_blocks_the_upload(adapter: Path, tmp_path: Path, no_login) -> None:
     from finetune.errors import FinetuneError
-    from finetune.publish import PublishRequest, publish
+    from finetune.lifecycle.publish import PublishRequest, publish
 
     run = json.loads((adapter / "run.json").read_text())
     (adapter / "run.json").write_text(json.dumps({**run, "note": f"token={'hf_' + 'L3ak' * 9}"}))

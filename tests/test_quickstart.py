@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_gguf_import import write_gguf
+from finetune.testing import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "quickstart"
@@ -91,14 +91,8 @@ def _run_quickstart(env: dict[str, str], *overrides: str, timeout: int) -> subpr
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def _needs_eval() -> None:
-    if importlib.util.find_spec("finetune.commands.eval") is None:
-        pytest.skip("`finetune eval` (issue 5) has not landed yet; the quickstart ends with it")
-
-
 def test_quickstart_script_end_to_end_on_a_tiny_gguf(tiny_lm: Path, tmp_path: Path) -> None:
-    _needs_eval()
-    gguf = write_gguf(tiny_lm, tmp_path / "tiny.gguf")
+    gguf = write_tiny_gguf(tiny_lm, tmp_path / "tiny.gguf")
     env = {"QUICKSTART_GGUF": str(gguf), "QUICKSTART_MODEL_DIR": str(tmp_path / "model"),
            "QUICKSTART_OUT": str(tmp_path / "adapters"), "QUICKSTART_EVAL_ARGS": "--max-samples 4"}
     tiny = ["data.max_seq_len=512", "train.max_steps=2", "train.micro_batch_size=2", "lora.r=4", "train.precision=fp32"]
@@ -123,7 +117,6 @@ def test_quickstart_script_says_what_to_do_without_the_model(tmp_path: Path) -> 
 @pytest.mark.slow
 def test_real_quickstart_gains_60_points_on_held_out_sentences(tmp_path: Path) -> None:
     """The README's promise, measured: the real SmolLM2 + LoRA on 2 CPU cores, base vs adapter exact match."""
-    _needs_eval()
     done = _run_quickstart({"QUICKSTART_OUT": str(tmp_path / "adapters")}, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "adapters" / "quickstart" / "eval.json").read_text())

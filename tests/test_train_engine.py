@@ -4,6 +4,7 @@ out-of-memory retry, trackers, plot, profile, precision, gradient checkpointing,
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,6 @@ from safetensors.torch import load_file
 from finetune.config import load_config
 from finetune.errors import FinetuneError
 from finetune.testing import qa_rows, write_jsonl
-from tests.conftest import write_job
 
 
 @pytest.fixture(autouse=True)
@@ -26,15 +26,20 @@ def _fresh_accelerate_state() -> Any:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _run(tmp: Path, model: Path, name: str, lora: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
-         **train: Any) -> Path:
+@pytest.fixture
+def run(write_job: Callable[..., Path]) -> Callable[..., Path]:
+    """run(tmp, model, name, lora=None, data=None, **train): a 6-step tiny job with validation data, trained."""
     from finetune.pipeline import run_train
 
-    rows = write_jsonl(tmp / "train.jsonl", qa_rows(24))
-    val = write_jsonl(tmp / "val.jsonl", qa_rows(8)[::-1])
-    job = write_job(tmp, model, rows, train={"max_steps": 6, **train}, data={"validation": str(val), **(data or {})},
-                    output={"run_name": name}, lora=lora or {})
-    return run_train(load_config(job))
+    def _run(tmp: Path, model: Path, name: str, lora: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+             **train: Any) -> Path:
+        rows = write_jsonl(tmp / "train.jsonl", qa_rows(24))
+        val = write_jsonl(tmp / "val.jsonl", qa_rows(8)[::-1])
+        job = write_job(tmp, model, rows, train={"max_steps": 6, **train}, data={"validation": str(val), **(data or {})},
+                        output={"run_name": name}, lora=lora or {})
+        return run_train(load_config(job))
+
+    return _run
 
 
 def _metrics(folder: Path) -> list[dict[str, Any]]:
@@ -55,7 +60,7 @@ def _same_tensors(a: Path, b: Path) -> None:
 # --- data order -------------------------------------------------------------------------------------------------
 
 def test_sharding_covers_every_example_once_and_matches_one_big_batch() -> None:
-    from finetune.distributed import DataPlan, rank_share, step_examples
+    from finetune.training.processes import DataPlan, rank_share, step_examples
 
     n, b, k = 10, 2, 2
     two, one = DataPlan(n, seed=3), DataPlan(n, seed=3)
@@ -76,7 +81,7 @@ def test_sharding_covers_every_example_once_and_matches_one_big_batch() -> None:
 
 
 def test_streaming_order_resumes_from_the_cursor() -> None:
-    from finetune.distributed import DataPlan, step_examples, stream_from
+    from finetune.training.processes import DataPlan, step_examples, stream_from
 
     class Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         def __iter__(self) -> Any:
@@ -89,7 +94,7 @@ def test_streaming_order_resumes_from_the_cursor() -> None:
 
 
 def test_accelerate_parent_command_is_read() -> None:
-    from finetune.distributed import requested_processes
+    from finetune.training.processes import requested_processes
 
     assert requested_processes(["/v/bin/python", "/v/bin/accelerate", "launch", "--num_processes", "2", "-m", "finetune"]) == 2
     assert requested_processes(["/v/bin/accelerate", "launch", "--num_processes=3", "-m", "finetune"]) == 3
@@ -99,7 +104,7 @@ def test_accelerate_parent_command_is_read() -> None:
 def test_unsynchronised_processes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import accelerate
 
-    from finetune import distributed
+    from finetune.training import processes as distributed
 
     class Alone:  # what a CPU process started by torchrun gets without CPU mode: a group of one
         num_processes = 1
@@ -116,7 +121,7 @@ def test_unsynchronised_processes_are_refused(monkeypatch: pytest.MonkeyPatch) -
 # --- precision --------------------------------------------------------------------------------------------------
 
 def test_precision_choices(monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune import distributed
+    from finetune.training import processes as distributed
 
     with pytest.raises(FinetuneError, match="fp16 needs a CUDA GPU; on CPU use bf16"):
         distributed.resolve_precision("fp16")
@@ -131,11 +136,11 @@ def test_precision_choices(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- the loop ---------------------------------------------------------------------------------------------------
 
-def test_resume_from_checkpoint_is_bitwise_exact(tiny_lm: Path, tmp_path: Path) -> None:
-    ref = _run(tmp_path, tiny_lm, "ref", checkpoint_every=2, keep_last=2)
+def test_resume_from_checkpoint_is_bitwise_exact(tiny_lm: Path, tmp_path: Path, run) -> None:
+    ref = run(tmp_path, tiny_lm, "ref", checkpoint_every=2, keep_last=2)
     ckpts = sorted((ref.parent / ".work" / "ref" / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["step-00000004", "step-00000006"]  # keep_last=2
-    resumed = _run(tmp_path, tiny_lm, "ref2", resume=str(ckpts[0]))
+    resumed = run(tmp_path, tiny_lm, "ref2", resume=str(ckpts[0]))
     _same_tensors(ref, resumed)
     losses = [[m["loss"] for m in _metrics(f) if "loss" in m] for f in (ref, resumed)]
     assert len(losses[0]) == 6 and losses[1] == losses[0][4:]  # the resumed run logs steps 5 and 6, bitwise equal
@@ -143,27 +148,27 @@ def test_resume_from_checkpoint_is_bitwise_exact(tiny_lm: Path, tmp_path: Path) 
         (ref / "run.json").read_text())["metrics"]["eval_loss"]
 
 
-def test_streaming_resume_is_exact(tiny_lm: Path, tmp_path: Path) -> None:
+def test_streaming_resume_is_exact(tiny_lm: Path, tmp_path: Path, run) -> None:
     stream = {"streaming": True, "shuffle_buffer": 5}
-    ref = _run(tmp_path, tiny_lm, "sref", data=stream, checkpoint_every=2, keep_last=3)
+    ref = run(tmp_path, tiny_lm, "sref", data=stream, checkpoint_every=2, keep_last=3)
     first = ref.parent / ".work" / "sref" / "checkpoints" / "step-00000002"
     assert json.loads((first / "trainer_state.json").read_text())["cursor"] == 8  # 2 steps x micro-batch 4
-    resumed = _run(tmp_path, tiny_lm, "sres", data=stream, resume=str(first))
+    resumed = run(tmp_path, tiny_lm, "sres", data=stream, resume=str(first))
     _same_tensors(ref, resumed)
     assert _losses(resumed) == _losses(ref)[2:]
 
 
-def test_resume_path_that_is_not_a_checkpoint_is_named(tiny_lm: Path, tmp_path: Path) -> None:
+def test_resume_path_that_is_not_a_checkpoint_is_named(tiny_lm: Path, tmp_path: Path, run) -> None:
     with pytest.raises(FinetuneError, match="not a checkpoint folder"):
-        _run(tmp_path, tiny_lm, "x", resume=str(tmp_path))
+        run(tmp_path, tiny_lm, "x", resume=str(tmp_path))
 
 
-def test_early_stopping_keeps_the_best_adapter(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune import train
+def test_early_stopping_keeps_the_best_adapter(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run) -> None:
+    from finetune.training import loop as train
 
     scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
     monkeypatch.setattr(train, "evaluate_loss", lambda *a: next(scripted))
-    folder = _run(tmp_path, tiny_lm, "es", eval_every=1, early_stopping_patience=2, checkpoint_every=1, keep_last=9)
+    folder = run(tmp_path, tiny_lm, "es", eval_every=1, early_stopping_patience=2, checkpoint_every=1, keep_last=9)
     rows = _metrics(folder)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["eval_loss"] for r in rows] == [3.0, 2.0, 2.5, 2.6]
     run = json.loads((folder / "run.json").read_text())["metrics"]
@@ -174,8 +179,8 @@ def test_early_stopping_keeps_the_best_adapter(tiny_lm: Path, tmp_path: Path, mo
         assert torch.equal(saved[name.replace(".default", "")], value), name
 
 
-def test_nan_loss_stops_naming_the_step(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune import train
+def test_nan_loss_stops_naming_the_step(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run) -> None:
+    from finetune.training import loop as train
 
     real, calls = train.loss_sum, {"n": 0}
 
@@ -185,13 +190,13 @@ def test_nan_loss_stops_naming_the_step(tiny_lm: Path, tmp_path: Path, monkeypat
 
     monkeypatch.setattr(train, "loss_sum", poisoned)
     with pytest.raises(FinetuneError, match=r"loss is nan at step 3.*step-00000002"):
-        _run(tmp_path, tiny_lm, "nan", checkpoint_every=2)
+        run(tmp_path, tiny_lm, "nan", checkpoint_every=2)
     assert not (tmp_path / "adapters" / "nan").exists()
 
 
 def test_out_of_memory_halves_the_micro_batch(tiny_lm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from finetune import train
+                                              capsys: pytest.CaptureFixture[str], run) -> None:
+    from finetune.training import loop as train
 
     real = train.loss_sum
 
@@ -200,26 +205,26 @@ def test_out_of_memory_halves_the_micro_batch(tiny_lm: Path, tmp_path: Path, mon
             raise torch.OutOfMemoryError("simulated")
         return real(model, batch)
 
-    ref = _run(tmp_path, tiny_lm, "mb2", micro_batch_size=2, gradient_accumulation=2)
+    ref = run(tmp_path, tiny_lm, "mb2", micro_batch_size=2, gradient_accumulation=2)
     monkeypatch.setattr(train, "loss_sum", small_only)
-    oom = _run(tmp_path, tiny_lm, "oom", micro_batch_size=4, gradient_accumulation=1)
+    oom = run(tmp_path, tiny_lm, "oom", micro_batch_size=4, gradient_accumulation=1)
     assert "micro_batch_size -> 2, gradient_accumulation -> 2" in capsys.readouterr().out
     assert _losses(oom) == _losses(ref)
     _same_tensors(ref, oom)
 
 
-def test_gradient_checkpointing_gives_the_same_training(tiny_lm: Path, tmp_path: Path) -> None:
-    plain = _run(tmp_path, tiny_lm, "plain", max_steps=3)
-    ckpt = _run(tmp_path, tiny_lm, "gc", max_steps=3, gradient_checkpointing=True)
+def test_gradient_checkpointing_gives_the_same_training(tiny_lm: Path, tmp_path: Path, run) -> None:
+    plain = run(tmp_path, tiny_lm, "plain", max_steps=3)
+    ckpt = run(tmp_path, tiny_lm, "gc", max_steps=3, gradient_checkpointing=True)
     assert all(abs(x - y) < 1e-5 for x, y in zip(_losses(plain), _losses(ckpt), strict=True))
 
 
-def test_trackers_plot_and_profile(tiny_lm: Path, tmp_path: Path) -> None:
+def test_trackers_plot_and_profile(tiny_lm: Path, tmp_path: Path, run) -> None:
     from mlflow.tracking import MlflowClient
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folder = _run(tmp_path, tiny_lm, "tr", max_steps=4, eval_every=2, trackers=["tensorboard", "mlflow"], profile_steps=2)
+    folder = run(tmp_path, tiny_lm, "tr", max_steps=4, eval_every=2, trackers=["tensorboard", "mlflow"], profile_steps=2)
     rows = _metrics(folder)
     work = folder.parent / ".work" / "tr"
     events = EventAccumulator(str(work / "tr"))
@@ -246,13 +251,15 @@ def _class_bundle(tok: Any) -> Any:
 
 
 def test_classification_trains_the_head_with_lora(tiny_encoder: Path, tmp_path: Path) -> None:
-    from finetune import lora, model, train
+    from finetune import model
     from finetune.config.lora import LoraConfig
     from finetune.config.model import ModelConfig
     from finetune.config.train import TrainConfig
+    from finetune.model import lora
+    from finetune.training import loop as train
 
     mcfg, lcfg = ModelConfig(name_or_path=str(tiny_encoder)), LoraConfig(r=4, alpha=8, dropout=0.0)
-    base, tok, _ = model.load_model(mcfg, "classification", lcfg, ["neg", "pos"])
+    base, tok, _ = model.load_model(mcfg, "classification", lcfg.quantization, ["neg", "pos"])
     net = lora.wrap_lora(base, lcfg, "classification")
     head = {n: p.detach().clone() for n, p in net.named_parameters() if "classifier" in n and p.requires_grad}
     assert head, "the classification head must be trained (modules_to_save)"
@@ -287,15 +294,17 @@ def test_all_accelerate_setups_are_shipped() -> None:
 # --- save under FSDP / ZeRO-3 and full fine-tuning --------------------------------------------------------------
 
 @pytest.mark.parametrize("gathered", ["empty", "zeros", "nothing"])
-def test_save_refuses_an_adapter_that_was_not_gathered(tiny_lm: Path, tmp_path: Path, gathered: str) -> None:
+def test_save_refuses_an_adapter_that_was_not_gathered(tiny_lm: Path, tmp_path: Path, gathered: str, write_job) -> None:
     """ZeRO-3/FSDP without a gather hands back 0-element tensors; a wrong gather, zeros or no keys at all."""
-    from finetune import lora, model, save
+    from finetune import model
     from finetune.config import load_config
     from finetune.errors import VerificationError
-    from finetune.train import make_accelerator
+    from finetune.lifecycle import save
+    from finetune.model import lora
+    from finetune.training.loop import make_accelerator
 
     job = load_config(write_job(tmp_path, tiny_lm, write_jsonl(tmp_path / "d.jsonl", qa_rows(4))))
-    base, tok, source = model.load_model(job.model, "causal_lm", job.lora)
+    base, tok, source = model.load_model(job.model, "causal_lm", job.lora.quantization)
     net = lora.wrap_lora(base, job.lora)
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -312,7 +321,7 @@ def test_save_refuses_an_adapter_that_was_not_gathered(tiny_lm: Path, tmp_path: 
     assert not list((tmp_path / "adapters").glob("*")), "nothing may be left behind"
 
 
-def test_full_fine_tuning_saves_a_whole_verified_model(tiny_lm: Path, tmp_path: Path) -> None:
+def test_full_fine_tuning_saves_a_whole_verified_model(tiny_lm: Path, tmp_path: Path, write_job) -> None:
     from transformers import AutoModelForCausalLM
 
     from finetune.pipeline import run_train
@@ -329,34 +338,34 @@ def test_full_fine_tuning_saves_a_whole_verified_model(tiny_lm: Path, tmp_path: 
     assert len(changed) >= len(before) - 1, changed  # every weight trained (a rotary buffer may not be saved)
 
 
-def test_qlora_4bit_trains_evaluates_and_verifies(tmp_path: Path) -> None:
+def test_qlora_4bit_trains_evaluates_and_verifies(tmp_path: Path, run) -> None:
     """nf4 base through bitsandbytes with peft's k-bit preparation; eval mid-run must not corrupt later steps
     (bnb's CPU weight repacking did: the reloaded adapter then disagreed with the trained one)."""
     from finetune.testing import make_causal_lm
 
     model = make_causal_lm(tmp_path / "m64", hidden=64)  # bnb's CPU 4-bit kernels need rows of >= 64 values
-    folder = _run(tmp_path, model, "q4", lora={"quantization": "4bit"}, max_steps=4, eval_every=2)
+    folder = run(tmp_path, model, "q4", lora={"quantization": "4bit"}, max_steps=4, eval_every=2)
     run = json.loads((folder / "run.json").read_text())
     assert run["verification"]["max_logit_diff"] <= run["verification"]["tolerance"]
     losses = _losses(folder)
     assert losses[-1] < losses[0]
 
 
-def test_bf16_autocast_run_verifies_in_full_precision(tiny_lm: Path, tmp_path: Path) -> None:
+def test_bf16_autocast_run_verifies_in_full_precision(tiny_lm: Path, tmp_path: Path, run) -> None:
     """accelerate patches an autocast forward into the model; the save verification must compare without it."""
-    from finetune.distributed import cpu_bf16
+    from finetune.training.processes import cpu_bf16
 
     if not cpu_bf16():
         pytest.skip("this CPU has no bf16")
-    folder = _run(tmp_path, tiny_lm, "bf", max_steps=2, precision="bf16")
+    folder = run(tmp_path, tiny_lm, "bf", max_steps=2, precision="bf16")
     run = json.loads((folder / "run.json").read_text())
     assert run["precision"] == "bf16" and run["verification"]["max_logit_diff"] == 0.0
 
 
 @pytest.mark.slow  # the first torch.compile costs 15-60 s on CPU
-def test_compiled_training_matches_and_saves_the_adapter(tiny_lm: Path, tmp_path: Path) -> None:
+def test_compiled_training_matches_and_saves_the_adapter(tiny_lm: Path, tmp_path: Path, run) -> None:
     """A compiled wrapper prefixes state-dict keys with _orig_mod.; the save must gather from the plain model."""
-    plain = _run(tmp_path, tiny_lm, "plain", max_steps=3)
-    compiled = _run(tmp_path, tiny_lm, "compiled", max_steps=3, compile=True)
+    plain = run(tmp_path, tiny_lm, "plain", max_steps=3)
+    compiled = run(tmp_path, tiny_lm, "compiled", max_steps=3, compile=True)
     assert all(abs(x - y) < 1e-5 for x, y in zip(_losses(plain), _losses(compiled), strict=True))
     assert json.loads((compiled / "run.json").read_text())["verification"]["tensors"] > 0

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.testing import qa_rows, write_jsonl
-from tests.conftest import write_job
 
 VENV_BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -67,7 +66,7 @@ def _wait_for_step(path: Path, step: int, proc: subprocess.Popen[str], timeout: 
     pytest.fail(f"training did not reach step {step} (exit {proc.poll()})")
 
 
-def test_two_processes_equal_one_with_double_micro_batch(tiny_lm: Path, tmp_path: Path) -> None:
+def test_two_processes_equal_one_with_double_micro_batch(tiny_lm: Path, tmp_path: Path, write_job) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", qa_rows(24))
     job = str(write_job(tmp_path, tiny_lm, data, train={"max_steps": 6, "gradient_accumulation": 2}))
     launcher = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2"]
@@ -79,14 +78,19 @@ def test_two_processes_equal_one_with_double_micro_batch(tiny_lm: Path, tmp_path
     ddp_dir, one_dir = tmp_path / "adapters" / "ddp", _in_process(job, "train.micro_batch_size=2", "output.run_name=one")
     assert json.loads((ddp_dir / "run.json").read_text())["hardware"]["num_processes"] == 2
     assert [r["step"] for r in _rows(ddp_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]  # one writer, no duplicates
-    a, b = load_file(str(ddp_dir / "adapter_model.safetensors")), load_file(str(one_dir / "adapter_model.safetensors"))
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-5, worst  # gloo sums gradients in another order than one process: float rounding only
+    # gloo sums gradients in another order than one process: float32 rounding only. The losses are smooth in the
+    # weights, so they agree closely on any CPU. Single weights need not: Adam divides a near-zero gradient by its own
+    # magnitude, so an element whose gradient is ~0 may move by up to lr per step either way. So nearly every
+    # element must agree to 1e-5, and every element within Adam's bound of 2 * lr * steps.
     diffs = [abs(x - y) for x, y in zip(_losses(ddp_dir / "metrics.jsonl"), _losses(one_dir / "metrics.jsonl"), strict=True)]
     assert max(diffs) < 1e-5, diffs
+    a, b = load_file(str(ddp_dir / "adapter_model.safetensors")), load_file(str(one_dir / "adapter_model.safetensors"))
+    delta = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert float((delta > 1e-5).float().mean()) < 1e-3, float(delta.max())
+    assert float(delta.max()) <= 2 * 1e-2 * 6
 
 
-def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tiny_lm: Path, tmp_path: Path) -> None:
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tiny_lm: Path, tmp_path: Path, write_job) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", qa_rows(24))
     job = str(write_job(tmp_path, tiny_lm, data, train={"max_steps": 40, "micro_batch_size": 2, "checkpoint_every": 4,
                                                          "keep_last": 3, "resume": "auto"}))

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import FinetuneError
+
 HELP = "List the adapters under adapters/ (name, base, task, rank, size, key metric, created)."
 COLUMNS = ("name", "base", "task", "rank", "size", "key metric", "created")
 # Preferred metric to show, first found wins: held-out quality before training loss.
@@ -20,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.errors import FinetuneError
-
     root = Path(args.dir)
     if not root.is_dir():
         raise FinetuneError(f"adapters folder not found: {root.resolve()} (train one with `finetune train JOB.yaml`, or pass --dir)")

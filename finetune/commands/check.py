@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.lifecycle.targets import TARGETS, check_adapter
+
 HELP = "Check an adapter against the loading rules of peft, vLLM, TGI or llama.cpp; exit 1 on any problem."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from finetune.compat import TARGETS
-
     parser.add_argument("adapter", help="Adapter folder (adapter_config.json + adapter_model.safetensors).")
     parser.add_argument("--target", required=True, choices=TARGETS, help="Where the adapter will be loaded.")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="vLLM's --max-lora-rank you will serve with (default 16).")
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.compat import check_adapter
-
     result = check_adapter(args.adapter, args.target, args.max_lora_rank)
     for problem in result.problems:
         print(problem.line())

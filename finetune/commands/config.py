@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from finetune.config import JobConfig, dump_config, load_config
+from finetune.config.reference import markdown_reference
+
 HELP = "Validate a job config, show it resolved with every default, or print its JSON schema."
 
 
@@ -20,14 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.config import JobConfig, dump_config, load_config
-
     if args.action == "schema":
         print(json.dumps(JobConfig.model_json_schema(), indent=2))
         return 0
     if args.action == "reference":
-        from finetune.config.reference import markdown_reference
-
         print(markdown_reference(), end="")
         return 0
     cfg = load_config(args.file, args.overrides)

@@ -6,6 +6,10 @@ import argparse
 import sys
 from typing import Any
 
+from finetune import model
+from finetune.config import load_config
+from finetune.data import build_data
+
 HELP = "Preview the data of a job: a few rendered examples with the trained tokens highlighted, and statistics."
 OPEN, CLOSE = "«", "»"  # marks trained text when the output is not a terminal (no colours)
 
@@ -19,11 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.config import load_config
-
     cfg = load_config(args.file, args.overrides)
-    from finetune import model
-    from finetune.data import build_data
 
     tok = model.load_tokenizer(model.resolve_source(cfg.model), cfg.model)
     bundle = build_data(cfg.data, tok, cfg.task)

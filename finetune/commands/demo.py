@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 from finetune.errors import FinetuneError
+from finetune.serving.engine import Limits, load_engine
 
 HELP = "Try adapters in a local web page: generate, chat, compare with the base, classify (gradio)."
 APP_FILE = Path(__file__).resolve().parents[2] / "demo" / "app.py"
@@ -39,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --auth-file: anyone who can reach this port can use it",
               file=sys.stderr)
     app_module = load_app_module()
-    from finetune.inference import Limits, load_engine
 
     engine = load_engine(args.adapters, args.base, Limits(args.max_prompt_tokens, args.max_new_tokens))
     app = app_module.build_app(engine, concurrency_limit=args.concurrency, queue_size=args.queue_size)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.evaluation import EvalOptions, run_eval
+from finetune.evaluation.report import terminal_table
+
 HELP = "Compare an adapter with its base model on the same data: metrics with deltas, eval.json, eval.md, eval.png."
 
 
@@ -31,9 +34,6 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.evaluation import EvalOptions, run_eval
-    from finetune.evaluation.report import terminal_table
-
     opts = EvalOptions(adapter=args.adapter, data=args.data, split=args.split, max_samples=args.max_samples,
                        base=args.base, out=args.out, general=args.general, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, json_match=args.json_match)

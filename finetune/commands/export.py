@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.lifecycle.gguf_export import export_lora_gguf
+
 HELP = "Export an adapter for llama.cpp as a LoRA GGUF (llama-cli --lora FILE), verified by reading it back."
 
 
@@ -16,7 +18,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.export_gguf import export_lora_gguf
-
     print(export_lora_gguf(args.adapter, args.out, args.outtype, args.base).describe())
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.model.gguf_import import GgufFile, import_gguf, is_imported
+
 HELP = "Convert a GGUF checkpoint (de-quantized) into a Hugging Face folder that `model.name_or_path` can use."
 
 
@@ -19,7 +21,6 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from finetune.gguf_import import GgufFile, import_gguf, is_imported
 
     out = Path(args.out_dir).expanduser().resolve()
     if is_imported(out, GgufFile.at(args.file), args.dtype):

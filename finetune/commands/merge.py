@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.lifecycle.merge import merge_adapter
+
 HELP = "Merge an adapter into its base (float32, cast at the end), save it, and verify it against base + adapter."
 
 
@@ -18,8 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.merge import merge_adapter
-
     report = merge_adapter(args.adapter, args.out, args.dtype, args.base, args.prompt, args.max_shard_size, args.overwrite)
     print(report.describe())
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.lifecycle.publish import PublishRequest, publish
+
 HELP = "Publish an adapter to the Hugging Face Hub with a model card (--dry-run: build the folder and list it)."
 
 
@@ -19,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.publish import PublishRequest, publish
-
     req = PublishRequest(args.adapter, args.repo_id, args.private, args.dry_run, args.out, args.base_model,
                          args.license, args.dataset)
     print(publish(req).describe(args.dry_run))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.config import load_config
+from finetune.pipeline import run_train
+from finetune.training.processes import maybe_relaunch
+
 HELP = "Train a LoRA adapter from a job YAML and save it, verified, under adapters/<run_name>/."
 
 
@@ -15,18 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.config import load_config
-
     overrides = list(args.overrides) + ([f"train.profile_steps={args.profile}"] if args.profile else [])
     cfg = load_config(args.file, overrides)  # every config problem surfaces before torch is imported
     import sys
 
-    from finetune.distributed import maybe_relaunch
 
     status = maybe_relaunch(sys.argv[1:])  # `accelerate launch --num_processes N` on CPU started only one process
     if status is not None:
         return status
-    from finetune.pipeline import run_train
 
     run_train(cfg)
     return 0

@@ -108,5 +108,5 @@ class DataConfig(Section):
         description="Cache tokenized data by fingerprint (files + data config + tokenizer) so a rerun skips the work.",
     )
     cache_dir: str | None = Field(
-        default=None, description="Where the cache lives; default $FINETUNE_CACHE or ~/.cache/finetune/data."
+        default=None, description="Where the cache lives; default $FINETUNE_CACHE/data or ~/.cache/finetune/data."
     )

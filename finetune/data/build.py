@@ -8,15 +8,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from finetune.config.data import DataConfig, SourceConfig
 from finetune.data import cache, mixing, packing
+from finetune.data.chain import encoded, needs_end_of_turn, records
 from finetune.data.chat import check_end_of_turn
 from finetune.data.collate import PackedCollator, PadCollator
 from finetune.data.encode import Counts, Encoder
-from finetune.data.formats import MissingField, Record, detect_format, normalise
+from finetune.data.formats import Record, detect_format
+from finetune.data.prompting import uses_chat_template
 from finetune.data.sources import (
     BadRows,
     iter_source,
@@ -27,13 +28,9 @@ from finetune.data.sources import (
 )
 from finetune.data.table import ExampleTable
 from finetune.errors import DataError
-from finetune.prompting import uses_chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-BATCH = 1000  # records per tokenizer call
-
 
 @dataclass
 class DataBundle:
@@ -123,20 +120,6 @@ def _check_task(formats: list[Any], task: str) -> None:
         raise DataError("data in the classification format (text + label) needs task: classification")
 
 
-def records(src: SourceConfig, cfg: DataConfig, bad: BadRows, streaming: bool) -> Iterator[tuple[Record, str]]:
-    for row, where in iter_source(src, bad, streaming):
-        try:
-            yield normalise(row, src.format, source_columns(src), where, cfg.system_prompt), where
-        except MissingField as exc:
-            bad.report(str(exc))
-
-
-def encoded(pairs: Iterator[tuple[Record, str]], encoder: Encoder, counts: Counts) -> Iterator[dict[str, Any]]:
-    """Tokenize in batches of BATCH records (one tokenizer call each), lazily."""
-    while batch := list(islice(pairs, BATCH)):
-        yield from encoder.encode([r for r, _ in batch], [w for _, w in batch], counts)
-
-
 def _materialise(cfg: DataConfig, tok: Any, plan: Plan) -> tuple[ExampleTable, ExampleTable | None, dict[str, Any]]:
     bad = BadRows(cfg.on_bad_rows)
     rows = [list(records(s, cfg, bad, False)) for s in plan.train]
@@ -159,11 +142,6 @@ def _materialise(cfg: DataConfig, tok: Any, plan: Plan) -> tuple[ExampleTable, E
     if cfg.packing:
         train, val = _pack(cfg, train, val, stats)
     return ExampleTable.from_examples(train), ExampleTable.from_examples(val) if val else None, stats
-
-
-def needs_end_of_turn(plan: Plan) -> bool:
-    """Answers must end with a trained EOS; raw text chunks and classification have no answers."""
-    return all(s.format in ("chat", "prompt_completion", "instruction") for s in plan.train)
 
 
 def _class_names(rows: list[list[tuple[Record, str]]]) -> list[str]:
@@ -218,7 +196,9 @@ def _collator(cfg: DataConfig, tok: Any) -> PadCollator | PackedCollator:
 
 
 def _streaming_bundle(cfg: DataConfig, tok: Any, plan: Plan) -> DataBundle:
-    from finetune.data.stream import streaming_bundle_parts
+    from finetune.data.stream import (
+        streaming_bundle_parts,  # imports torch (IterableDataset): only when streaming
+    )
 
     train, val, stats, labels = streaming_bundle_parts(cfg, tok, plan)
     fp = cache.fingerprint(cfg, tok, "stream", [str(s.model_dump()) for s in plan.train + plan.validation])

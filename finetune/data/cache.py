@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from finetune import files
 from finetune.config.data import DataConfig
 from finetune.data.table import ExampleTable
+from finetune.errors import FinetuneError
 
+KIND = "data-cache"
 ENCODING_VERSION = "3"  # bump when the encoding of examples changes, so old caches are not reused
 
 
@@ -37,12 +37,8 @@ def tokenizer_hash(tok: Any) -> str:
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir)
-    if os.environ.get("FINETUNE_CACHE"):
-        return Path(os.environ["FINETUNE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "finetune" / "data"
+    """data.cache_dir, else the data/ folder of finetune's cache root."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else files.cache_root() / "data"
 
 
 def load(cfg: DataConfig, fp: str) -> dict[str, Any] | None:
@@ -57,15 +53,13 @@ def load(cfg: DataConfig, fp: str) -> dict[str, Any] | None:
 
 
 def save(cfg: DataConfig, fp: str, train: ExampleTable, val: ExampleTable | None, meta: dict[str, Any]) -> None:
-    """Written to a temporary folder and renamed, so a crash never leaves a half cache that would be trusted."""
-    root = cache_root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{fp}-"))
+    """Written whole or not at all (finetune.files.atomic_dir), so a crash never leaves a half cache that would be
+    trusted. A cache that cannot be written (read-only disk) is not fatal: the next run tokenizes again."""
     try:
-        train.save(tmp / "train.npz")
-        if val is not None:
-            val.save(tmp / "validation.npz")
-        (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
-        os.replace(tmp, root / fp)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the disk is read-only: not fatal
+        with files.atomic_dir(cache_root(cfg) / fp, KIND, overwrite=True) as tmp:
+            train.save(tmp / "train.npz")
+            if val is not None:
+                val.save(tmp / "validation.npz")
+            files.write_json(tmp / "meta.json", meta)
+    except (OSError, FinetuneError):
+        pass

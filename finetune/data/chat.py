@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from finetune.data.prompting import chat_ids
 from finetune.data.tokenize import Boundaries
 from finetune.errors import DataError
-from finetune.prompting import chat_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

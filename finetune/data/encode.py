@@ -13,8 +13,8 @@ from typing import Any
 from finetune.config.data import DataConfig
 from finetune.data.chat import IGNORE, ChatEncoder
 from finetune.data.formats import Record
+from finetune.data.prompting import prompt_ids
 from finetune.errors import DataError
-from finetune.prompting import prompt_ids
 
 Example = dict[str, Any]
 

@@ -9,7 +9,13 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from finetune.errors import FinetuneError
+from finetune.data.chain import encoded, needs_end_of_turn, records
+from finetune.data.chat import check_end_of_turn
+from finetune.data.encode import Counts, Encoder
+from finetune.data.mixing import held_out, interleave
+from finetune.data.packing import pack_stream
+from finetune.data.sources import BadRows
+from finetune.errors import DataError, FinetuneError
 
 Example = dict[str, Any]
 
@@ -64,14 +70,6 @@ def _shuffled(stream: Iterator[Example], size: int, rng: random.Random) -> Itera
 def streaming_bundle_parts(cfg: Any, tok: Any, plan: Any) -> tuple[StreamingExamples, Any, dict[str, Any], list[str] | None]:
     """Train (and validation) as lazy streams. The stats dict is updated in place as the stream is read, so the
     counts saved at the end of training (run.json) are those of what was actually trained on."""
-    from finetune.data.build import encoded, needs_end_of_turn, records  # noqa: I001 (one chain, shared with eager)
-    from finetune.data.chat import check_end_of_turn
-    from finetune.data.encode import Counts, Encoder
-    from finetune.data.mixing import held_out, interleave
-    from finetune.data.packing import pack_stream
-    from finetune.data.sources import BadRows
-    from finetune.errors import DataError
-
     if plan.format == "classification" and not cfg.labels:
         raise DataError("data.streaming with classification data needs data.labels (the class names, in order), since "
                         "the labels cannot be collected from a stream before training")

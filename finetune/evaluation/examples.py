@@ -12,8 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from finetune.config.data import DataConfig
+from finetune.data.formats import detect_format, normalise
+from finetune.data.prompting import Messages
+from finetune.data.sources import BadRows, iter_source, normalise_sources, source_fingerprint
 from finetune.errors import DataError
-from finetune.prompting import Messages
 
 if TYPE_CHECKING:
     from finetune.config.data import DataConfig, Sources
@@ -49,14 +52,12 @@ class EvalSet:
 
 def data_config(job_data: DataConfig | None, path: str) -> DataConfig:
     """The job's data settings (columns, system prompt, max_seq_len...), or defaults for an adapter without a job."""
-    from finetune.config.data import DataConfig
 
     return job_data if job_data is not None else DataConfig(train=path)
 
 
 def load_eval_set(value: Sources, cfg: DataConfig, labels: list[str] | None, max_samples: int | None = None) -> EvalSet:
     """Every row of `value` (a file, glob, folder, or the job's list of sources), up to max_samples in all."""
-    from finetune.data.sources import BadRows, iter_source, normalise_sources, source_fingerprint
 
     sources = normalise_sources(value, cfg)
     examples: list[Example] = []
@@ -77,14 +78,10 @@ def load_eval_set(value: Sources, cfg: DataConfig, labels: list[str] | None, max
 
 
 def _format(src: Any, first: tuple[dict[str, Any], str]) -> str:
-    from finetune.data.formats import detect_format
-
     return src.format if src.format != "auto" else detect_format(first[0], where=first[1], cols=src.columns)
 
 
 def _example(row: dict[str, Any], fmt: str, src: Any, cfg: DataConfig, labels: list[str] | None, where: str) -> Example:
-    from finetune.data.formats import normalise
-
     record = normalise(row, fmt, cols=src.columns, where=where, system=cfg.system_prompt)  # MissingField names file, line and field
     if record["kind"] == "pair":
         return Example(record, where, record["completion"])

@@ -1,4 +1,4 @@
-"""Batched greedy generation: prompts rendered by finetune.prompting (as in training), left-padded, stopped at
+"""Batched greedy generation: prompts rendered by finetune.data.prompting (as in training), left-padded, stopped at
 EOS / end of turn. Greedy decoding is deterministic, so base and adapter differ only by their weights."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from finetune.prompting import Messages, prompt_ids
+from finetune.data.prompting import Messages, prompt_ids
 
 if TYPE_CHECKING:
     import torch

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finetune.evaluation.plot import bar_chart
+
 JSON_NAME, MD_NAME, PNG_NAME = "eval.json", "eval.md", "eval.png"
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    from finetune.evaluation.plot import bar_chart
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / JSON_NAME, out_dir / MD_NAME, out_dir / PNG_NAME]
     paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

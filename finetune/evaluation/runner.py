@@ -8,8 +8,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.config import load_config
+from finetune.data.prompting import stop_token_ids
 from finetune.errors import DataError, FinetuneError
-from finetune.evaluation.examples import EvalSet
+from finetune.evaluation.examples import EvalSet, data_config, load_eval_set, prompt_of
+from finetune.evaluation.generate import Decoding, decode, encode_prompts, generate
+from finetune.evaluation.report import write_outputs
+from finetune.evaluation.scoring import (
+    classification_metrics,
+    encode,
+    forward,
+    generation_metrics,
+    references_are_json,
+)
+from finetune.lifecycle import runinfo
+from finetune.lifecycle.folder import base_source, load_adapter, read_adapter
 
 SIDES = ("base", "adapter")
 LOWER_IS_BETTER = {"loss", "perplexity", "general_loss", "general_perplexity"}
@@ -37,20 +50,15 @@ class EvalResult:
 
 
 def run_eval(opts: EvalOptions) -> EvalResult:
-    from finetune.adapters import base_source, load_adapter, read_adapter
-    from finetune.evaluation.compat import check_adapter_fits
-    from finetune.evaluation.examples import data_config, load_eval_set
-
     info = read_adapter(adapter_folder(opts.adapter))
     value = data_value(opts, info)
     # Truncate, never drop: every example must keep its place so base and adapter outputs line up.
     cfg = data_config(info.job.data if info.job else None, str(value)).model_copy(update={"overlong": "truncate"})
     eval_set = load_eval_set(value, cfg, info.run.get("labels"), opts.max_samples)
     _check_task(info, eval_set)
-    source, model_cfg = base_source(info, opts.base)
-    check_adapter_fits(info, source, model_cfg)  # before any weight is loaded or example run
+    source, _ = base_source(info, opts.base)
     _seed()
-    model, tok, info = load_adapter(info.folder, opts.base)
+    model, tok, info = load_adapter(info.folder, opts.base)  # checks the adapter fits the base before loading it
     model = _to_device(model)
     started = time.perf_counter()
     run = _Run(model, tok, info, cfg, opts)
@@ -58,7 +66,6 @@ def run_eval(opts: EvalOptions) -> EvalResult:
     if opts.general:
         run.general(opts.general, sides, extra)
     report = _report(info, source.ref, eval_set, opts, sides, extra, time.perf_counter() - started)
-    from finetune.evaluation.report import write_outputs
 
     out_dir = Path(opts.out) if opts.out else info.folder
     return EvalResult(report, out_dir, write_outputs(report, out_dir))
@@ -68,10 +75,7 @@ def adapter_folder(ref: str) -> Path:
     """An adapter folder as given, or the folder a job YAML saved its adapter to."""
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        from finetune.config import load_config
-        from finetune.save import adapter_dir
-
-        return adapter_dir(load_config(path))
+        return load_config(path).output.adapter_dir
     return path
 
 
@@ -121,8 +125,6 @@ class _Run:
         self.model, self.tok, self.info, self.cfg, self.opts = model, tok, info, cfg, opts
 
     def causal(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
-        from finetune.evaluation.scoring import encode, forward, generation_metrics, references_are_json
-
         chat = self.info.chat or any(e.record["kind"] == "chat" for e in eval_set.examples)
         encoded = encode(eval_set.examples, self.cfg, self.tok, chat, None)
         gen = self._generation_setup(eval_set, chat) if eval_set.generative else None
@@ -139,10 +141,6 @@ class _Run:
         return sides, ({"decoding": gen[1].to_dict()} if gen else {})
 
     def _generation_setup(self, eval_set: EvalSet, chat: bool) -> tuple[list[list[int]], Any]:
-        from finetune.evaluation.examples import prompt_of
-        from finetune.evaluation.generate import Decoding, encode_prompts
-        from finetune.prompting import stop_token_ids
-
         prompts = encode_prompts(self.tok, [prompt_of(e.record, chat) for e in eval_set.examples], chat)
         refs = [str(e.reference) for e in eval_set.examples]
         decoding = Decoding(self.opts.max_new_tokens or _default_new_tokens(self.tok, refs), self.opts.batch_size,
@@ -150,15 +148,11 @@ class _Run:
         return prompts, decoding
 
     def _generate(self, gen: tuple[list[list[int]], Any]) -> tuple[list[str], float]:
-        from finetune.evaluation.generate import decode, generate
-
         t0 = time.perf_counter()
         outputs = decode(self.tok, generate(self.model, self.tok, gen[0], gen[1]))
         return outputs, time.perf_counter() - t0
 
     def classification(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
-        from finetune.evaluation.scoring import classification_metrics, encode, forward
-
         labels = self.info.run.get("labels") or [str(i) for i in range(self.model.config.num_labels)]
         encoded = encode(eval_set.examples, self.cfg, self.tok, False, labels)
         refs = [int(e.reference) for e in eval_set.examples if e.reference is not None]
@@ -172,8 +166,6 @@ class _Run:
 
     def general(self, path: str, sides: dict[str, Any], extra: dict[str, Any]) -> None:
         """What the adapter costs: the loss on a general dataset (text, prompt/completion or chat rows)."""
-        from finetune.evaluation.examples import load_eval_set
-        from finetune.evaluation.scoring import encode, forward
 
         if self.info.task == "classification":
             raise FinetuneError("--general measures language-model loss; it does not apply to a classification adapter")
@@ -213,7 +205,6 @@ class _adapter:
 
 def _report(info: Any, base_ref: str, eval_set: EvalSet, opts: EvalOptions, sides: dict[str, Any],
             extra: dict[str, Any], seconds: float) -> dict[str, Any]:
-    from finetune import runinfo
 
     report: dict[str, Any] = {
         "adapter": str(info.folder), "base_model": base_ref, "task": info.task, "created": runinfo.utc_now(),
@@ -248,7 +239,6 @@ def _compare(sides: dict[str, Any]) -> dict[str, Any]:
 
 def _examples(eval_set: EvalSet, sides: dict[str, Any], labels: list[str] | None, chat: bool) -> list[dict[str, Any]]:
     """Every example with both outputs; class references are shown by name like the predictions."""
-    from finetune.evaluation.examples import prompt_of
 
     if not sides["base"]["outputs"]:  # text rows: loss only
         return []

@@ -8,8 +8,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from finetune.data.collate import PadCollator
+from finetune.data.encode import Counts, Encoder
 from finetune.errors import DataError
 from finetune.evaluation.examples import Example
+from finetune.metrics import GENERATION, load_metric
+from finetune.metrics._text import parse_json
+from finetune.training.loss import loss_sum
 
 if TYPE_CHECKING:
     from finetune.config.data import DataConfig
@@ -17,7 +22,6 @@ if TYPE_CHECKING:
 
 def encode(examples: list[Example], cfg: DataConfig, tok: Any, chat: bool, labels: list[str] | None) -> list[dict[str, Any]]:
     """Token examples, one Encoder call per run of same-kind records (the Encoder takes one kind per call)."""
-    from finetune.data.encode import Counts, Encoder
 
     encoder, counts = Encoder(cfg, tok, chat, labels), Counts()
     out: list[dict[str, Any]] = []
@@ -39,8 +43,6 @@ def forward(model: Any, tok: Any, encoded: list[dict[str, Any]], batch_size: int
     """({loss, perplexity, tokens}, predicted class per example for classification examples)."""
     import torch
 
-    from finetune.data.collate import PadCollator
-    from finetune.train import loss_sum
 
     collate, device = PadCollator(tok.pad_token_id), next(model.parameters()).device
     total, count, preds = 0.0, 0, list[int]()
@@ -59,8 +61,6 @@ def forward(model: Any, tok: Any, encoded: list[dict[str, Any]], batch_size: int
 
 
 def generation_metrics(predictions: list[str], references: list[str], json_match: bool) -> dict[str, float]:
-    from finetune.metrics import GENERATION, load_metric
-
     names = list(GENERATION) + (["json_exact_match"] if json_match else [])
     out: dict[str, float] = {}
     for name in names:
@@ -69,8 +69,6 @@ def generation_metrics(predictions: list[str], references: list[str], json_match
 
 
 def classification_metrics(predictions: list[int], references: list[int], num_labels: int) -> dict[str, Any]:
-    from finetune.metrics import load_metric
-
     out: dict[str, Any] = load_metric("accuracy").compute(predictions=predictions, references=references)
     out.update(load_metric("macro_f1").compute(predictions=predictions, references=references))
     cm = load_metric("confusion_matrix").compute(predictions=predictions, references=references, labels=list(range(num_labels)))
@@ -80,7 +78,6 @@ def classification_metrics(predictions: list[int], references: list[int], num_la
 
 def references_are_json(references: list[str]) -> bool:
     """JSON exact match is added when every reference is a JSON object or list (an extraction task)."""
-    from finetune.metrics._text import parse_json
 
     parsed = [parse_json(r) for r in references]
     return bool(parsed) and all(ok and isinstance(v, (dict, list)) for ok, v in parsed)

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from finetune.errors import ModelError
+from finetune.model import Source
 
-if TYPE_CHECKING:
-    from finetune.adapters import AdapterInfo
-    from finetune.model import Source
+
+class AdapterInfo(Protocol):
+    """What the check reads of an adapter folder (finetune.lifecycle.folder.AdapterInfo, which loads through here)."""
+
+    folder: Path
+    run: dict[str, Any]
+
+    @property
+    def base(self) -> str: ...
+
+    @property
+    def task(self) -> str: ...
 
 PREFIX = "base_model.model."
 LORA_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "EA", ".lora_embedding_B": "EB"}

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from finetune.config import JobConfig, load_config
+from finetune.config.model import ModelConfig
 from finetune.errors import FinetuneError
-
-if TYPE_CHECKING:
-    from finetune.config import JobConfig
-    from finetune.model import Source
+from finetune.files import recover
+from finetune.lifecycle.fit import check_adapter_fits
+from finetune.model import Source, check_pair, load_base_model, resolve_source, set_pad_token
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -49,9 +50,8 @@ class AdapterInfo:
 
 def read_adapter(folder: str | Path) -> AdapterInfo:
     """Metadata only: adapter_config.json, run.json and finetune.yaml. Fails clearly on a folder that is no adapter."""
-    from finetune.config import load_config
-
     folder = Path(folder)
+    recover(folder)  # an overwrite interrupted between its two renames
     if not folder.is_dir():
         raise FinetuneError(f"adapter folder not found: {folder.resolve()}")
     missing = [n for n in REQUIRED_FILES if not (folder / n).is_file()]
@@ -67,9 +67,6 @@ def read_adapter(folder: str | Path) -> AdapterInfo:
 
 def base_source(info: AdapterInfo, base: str | None = None) -> tuple[Source, Any]:
     """The base checkpoint the adapter was trained on (or `base`, e.g. a local copy), with its model config."""
-    from finetune.config.model import ModelConfig
-    from finetune.model import resolve_source
-
     if info.job is not None:
         model_cfg = info.job.model.model_copy(update={"name_or_path": base} if base else {})
         if base:
@@ -84,15 +81,14 @@ def load_adapter(folder: str | Path, base: str | None = None, quantized: bool = 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from finetune.model import check_pair, load_base_model, set_pad_token
-
     info = read_adapter(folder)
     source, model_cfg = base_source(info, base)
+    check_adapter_fits(info, source, model_cfg)  # before any weight is loaded
     tok = AutoTokenizer.from_pretrained(str(info.folder))
     set_pad_token(tok)
-    lora_cfg = info.job.lora if (info.job is not None and quantized) else None
+    quantization = info.job.lora.quantization if (info.job is not None and quantized) else "none"
     labels = info.run.get("labels")
-    model = load_base_model(source, model_cfg, info.task, lora_cfg, labels)
+    model = load_base_model(source, model_cfg, info.task, quantization, labels)
     check_pair(model, tok, source, info.task)
     peft_model = PeftModel.from_pretrained(model, str(info.folder))
     peft_model.eval()

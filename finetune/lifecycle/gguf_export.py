@@ -9,13 +9,17 @@ adapter has its true per-layer scale folded into lora_b here instead of being si
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.adapters import AdapterInfo, base_source, read_adapter
 from finetune.errors import FinetuneError, VerificationError
+from finetune.files import atomic_file
+from finetune.lifecycle.fit import check_adapter_fits
+from finetune.lifecycle.folder import AdapterInfo, base_source, read_adapter
+from finetune.lifecycle.targets import check_adapter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,19 +59,19 @@ def export_lora_gguf(folder: str | Path, out: str | Path | None = None, outtype:
     alpha = float(info.adapter_config["lora_alpha"])
     tensors, folded = gguf_tensors(info, base_cfg, permute, alpha)
     path = Path(out) if out else info.folder / f"{info.name}-lora-{outtype}.gguf"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path, _is_gguf, "a GGUF file") as tmp:
         _write(tmp, arch, alpha, tensors, outtype, info.name)
         diff = verify_lora_gguf(tmp, arch, alpha, tensors)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return GgufReport(str(path.resolve()), arch, alpha, len(tensors), outtype, diff, folded)
 
 
-def _refuse_incompatible(info: AdapterInfo) -> None:
-    from finetune.compat import check_adapter
+def _is_gguf(path: Path) -> bool:
+    """An existing output may only be replaced if it is a GGUF file (an earlier export), never any other file."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
 
+
+def _refuse_incompatible(info: AdapterInfo) -> None:
     problems = [p for p in check_adapter(info.folder, "llama.cpp").problems if p.rule not in HANDLED_RULES]
     if problems:
         lines = "\n  ".join(p.line() for p in problems)
@@ -76,12 +80,11 @@ def _refuse_incompatible(info: AdapterInfo) -> None:
 
 def _base_config(info: AdapterInfo, base: str | None) -> dict[str, Any]:
     """The base's config.json (architecture, heads): from the recorded base, a local folder or the hub cache."""
-    import json
-
-    source, _ = base_source(info, base)
+    source, model_cfg = base_source(info, base)
     path = Path(source.folder) / "config.json"
     if not path.is_file():
         raise FinetuneError(f"no config.json in the base folder {source.folder}; pass --base with the base checkpoint")
+    check_adapter_fits(info, source, model_cfg)
     return dict(json.loads(path.read_text()))
 
 

@@ -3,20 +3,24 @@
 The merge always happens in float32 on a plain (never quantized) base and is cast only at the end: merging into
 bf16 rounds the update away, and merging into 4-bit weights re-quantizes them (logits moved by up to ~4.6). A QLoRA
 adapter is merged into the *de-quantized* 4-bit base, the weights it was actually trained against. The output is
-written to a temporary folder and renamed into place only after it reloads and matches the reference.
+written through finetune.files.atomic_dir: moved into place only after it reloads and matches the reference.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.adapters import AdapterInfo, base_source, read_adapter
+from finetune.data.prompting import prompt_ids, stop_token_ids
 from finetune.errors import FinetuneError, VerificationError
+from finetune.files import atomic_dir, check_replaceable, write_json
+from finetune.lifecycle import runinfo
+from finetune.lifecycle.fit import check_adapter_fits
+from finetune.lifecycle.folder import AdapterInfo, base_source, read_adapter
+from finetune.model import check_pair, load_base_model, set_pad_token
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +31,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MERGE_TOLERANCE = 1e-4
 DEFAULT_PROMPTS = ("Hello!", "What is the capital of France?", "Write one short sentence about the sea.")
 NEW_TOKENS = 12
+KIND = "merged-model"
 
 
 @dataclass
@@ -72,6 +77,7 @@ def merge_adapter(
     folder: str | Path, out: str | Path, dtype: str = "bf16", base: str | None = None,
     prompts: list[str] | None = None, max_shard_size: str = "2GB", overwrite: bool = False,
 ) -> MergeReport:
+    """Merge in float32, save as `dtype` into `out`, and verify the reloaded folder against base + adapter."""
     if dtype not in DTYPES:
         raise FinetuneError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     start = time.perf_counter()
@@ -80,8 +86,7 @@ def merge_adapter(
                             "load the folder directly")
     info = read_adapter(folder)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FinetuneError(f"output folder {out.resolve()} exists; choose another --out or pass --overwrite")
+    check_replaceable(out, KIND, overwrite, flag="--overwrite")  # before minutes of work, and again at the end
     model, tok, quantized = _reference_model(info, base)
     probes = probe_ids(info, tok, prompts)
     reference = _record(model, tok, probes, info.task)
@@ -97,9 +102,7 @@ def merge_adapter(
     merged = _cast(merged, dtype)
     rounding = _max_diff(_logits(merged, probes), exact)  # what the saved dtype alone costs
     tol = MERGE_TOLERANCE * scale + 1.05 * rounding
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out, KIND, overwrite, flag="--overwrite") as tmp:
         shards = _save(merged, tok, tmp, max_shard_size)
         del merged, model
         report = verify_merged(tmp, reference, probes, info, dtype, tol)
@@ -107,11 +110,7 @@ def merge_adapter(
         report.quantized_base, report.shards = quantized, shards
         report.seconds = round(time.perf_counter() - start, 2)
         report.out = str(out.resolve())
-        (tmp / "merge.json").write_text(json.dumps(_provenance(info, report), indent=2, sort_keys=True) + "\n")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "merge.json", _provenance(info, report))
     return report
 
 
@@ -121,9 +120,8 @@ def _reference_model(info: AdapterInfo, base: str | None) -> tuple[Any, Any, boo
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from finetune.model import check_pair, load_base_model, set_pad_token
-
     source, model_cfg = base_source(info, base)
+    check_adapter_fits(info, source, model_cfg)
     model_cfg = model_cfg.model_copy(update={"dtype": "float32"})
     lora_cfg = info.job.lora if info.job is not None else None
     quantized = lora_cfg is not None and lora_cfg.quantization != "none"
@@ -131,7 +129,8 @@ def _reference_model(info: AdapterInfo, base: str | None) -> tuple[Any, Any, boo
     has_tok = (info.folder / "tokenizer_config.json").is_file()
     tok = AutoTokenizer.from_pretrained(str(info.folder) if has_tok else source.folder)
     set_pad_token(tok)
-    model: Any = load_base_model(source, model_cfg, info.task, lora_cfg if quantized else None, info.run.get("labels"))
+    quantization = lora_cfg.quantization if lora_cfg is not None else "none"
+    model: Any = load_base_model(source, model_cfg, info.task, quantization, info.run.get("labels"))
     if quantized:
         model = model.dequantize()  # the nf4/int8 values the adapter saw, as plain float Linear layers
     model = model.to(torch.float32)
@@ -143,8 +142,6 @@ def _reference_model(info: AdapterInfo, base: str | None) -> tuple[Any, Any, boo
 
 def probe_ids(info: AdapterInfo, tok: Any, prompts: list[str] | None = None) -> list[list[int]]:
     """Token ids of the probe prompts, rendered exactly as training rendered them (chat template or plain)."""
-    from finetune.prompting import prompt_ids
-
     texts: list[Any] = list(prompts) if prompts else [*DEFAULT_PROMPTS, *_training_prompts(info, 2)]
     if info.task == "classification":
         return [list(tok(t if isinstance(t, str) else t[-1]["content"])["input_ids"]) for t in texts]
@@ -192,8 +189,6 @@ def _record(model: Any, tok: Any, probes: list[list[int]], task: str) -> _Refere
 
 
 def _greedy(model: Any, tok: Any, x: torch.Tensor) -> tuple[list[int], list[float]]:
-    from finetune.prompting import stop_token_ids
-
     stops = stop_token_ids(tok, getattr(model, "generation_config", None))
     out = model.generate(input_ids=x, attention_mask=x.new_ones(x.shape), max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=stops or None, pad_token_id=tok.pad_token_id, output_scores=True,
@@ -293,13 +288,5 @@ def _load_merged(folder: Path, task: str) -> tuple[Any, Any]:
 
 
 def _provenance(info: AdapterInfo, report: MergeReport) -> dict[str, Any]:
-    from finetune import runinfo
-
     return {"adapter": str(info.folder), "base_model": info.base, "created": runinfo.utc_now(),
             "packages": runinfo.package_versions(), "verification": asdict(report)}
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from finetune.adapters import AdapterInfo
+from finetune.lifecycle.folder import AdapterInfo
 
 PIPELINE_TAGS = {"causal_lm": "text-generation", "classification": "text-classification"}
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.adapters import AdapterInfo, read_adapter
 from finetune.errors import FinetuneError
-from finetune.modelcard import CardInput, render_card
+from finetune.files import write_json
+from finetune.lifecycle.folder import AdapterInfo, read_adapter
+from finetune.lifecycle.modelcard import CardInput, render_card
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -131,7 +132,7 @@ def build_hub_folder(info: AdapterInfo, folder: Path, card: CardInput) -> Publis
 def _set_base(path: Path, base_model: str) -> None:
     cfg: dict[str, Any] = json.loads(path.read_text())
     cfg["base_model_name_or_path"] = base_model  # a local path would make the published adapter unloadable
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_json(path, cfg)
 
 
 def _refuse_secrets(folder: Path, token: str | None) -> None:

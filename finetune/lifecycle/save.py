@@ -1,5 +1,6 @@
-"""Save only the adapter, atomically: written to a temporary folder, verified by reloading it with plain peft on
-a fresh base, then renamed into place. A folder under adapters/ is either complete and verified, or absent."""
+"""Save only the adapter, atomically: written to a temporary folder with its records and logs, verified by
+reloading it with plain peft on a fresh base, then moved into place (finetune.files.atomic_dir). A folder under
+adapters/ is either complete and verified, or absent."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.errors import FinetuneError, VerificationError
+from finetune.config import JobConfig, dump_config
+from finetune.errors import VerificationError
+from finetune.files import atomic_dir, check_replaceable, write_json
+from finetune.model import Source, load_base_model
+from finetune.training.trackers import METRICS, plot_losses
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch import nn
 
-    from finetune.config import JobConfig
-    from finetune.model import Source
+KIND = "adapter"  # the output of `finetune train`: an adapter folder, or a whole model under full fine-tuning
+LOGS = (METRICS, "profile.txt")
 
 
 @dataclass
@@ -26,43 +31,43 @@ class SaveRequest:
     run_info: dict[str, Any]  # run.json content (metrics, timings, data fingerprint...)
     probe: dict[str, Any]  # a small batch the verification compares logits on
     labels: list[str] | None = None
-
-
-def adapter_dir(cfg: JobConfig) -> Path:
-    return Path(cfg.output.dir) / cfg.output.run_name
+    logs: Path | None = None  # the run's work folder: metrics.jsonl and profile.txt are copied, loss.png drawn
 
 
 def check_output_free(cfg: JobConfig) -> None:
     """Called before training, so a run is not wasted on a name it may not use."""
-    final = adapter_dir(cfg)
-    if final.exists() and not cfg.output.overwrite:
-        raise FinetuneError(f"output folder {final.resolve()} exists; set output.run_name to a new name or output.overwrite=true")
+    check_replaceable(cfg.output.adapter_dir, KIND, cfg.output.overwrite, flag="output.overwrite=true (or a new output.run_name)")
 
 
 def save_adapter(model: nn.Module, tokenizer: Any, req: SaveRequest, accelerator: Accelerator) -> Path:
-    final = adapter_dir(req.cfg)
+    """Write, verify and move the adapter into place on the main process; every process must call it."""
+    final = req.cfg.output.adapter_dir
     # Gathers the full weights under FSDP / ZeRO-3; must run on every process.
     state = accelerator.get_state_dict(model)
     # keep_fp32_wrapper=False drops the autocast forward accelerate patched in: verification compares in full precision.
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if accelerator.is_main_process:
-        tmp = final.parent / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        flag = "output.overwrite=true (or a new output.run_name)"
+        with atomic_dir(final, KIND, req.cfg.output.overwrite, flag) as tmp:
             _write(tmp, peft_model, state, tokenizer, req)
-            report = verify_adapter(tmp, peft_model, req)
-            _record_verification(tmp, report)
-            _replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            _record_verification(tmp, verify_adapter(tmp, peft_model, req))
+            _copy_logs(req, tmp)
     accelerator.wait_for_everyone()
     return final
 
 
-def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, req: SaveRequest) -> None:
+def _copy_logs(req: SaveRequest, folder: Path) -> None:
+    """Logs and the loss plot go in before the folder is moved into place, so a complete folder has them all."""
+    if req.logs is None:
+        return
+    for name in LOGS:
+        if (req.logs / name).exists():
+            shutil.copy2(req.logs / name, folder / name)
+    if req.cfg.train.plot:
+        plot_losses(req.logs / METRICS, folder / "loss.png")
 
-    tmp.mkdir(parents=True)
+
+def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, req: SaveRequest) -> None:
     peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     if not req.cfg.lora.enabled:  # full fine-tuning: a whole model folder (config.json + model.safetensors)
         _write_common(tmp, tokenizer, req)
@@ -72,16 +77,14 @@ def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, re
     # peft records the path as given; a cwd-relative path would make reloading depend on where you stand.
     adapter_cfg["base_model_name_or_path"] = req.source.ref
     adapter_cfg["revision"] = req.source.revision
-    cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
+    write_json(cfg_path, adapter_cfg)
     _write_common(tmp, tokenizer, req)
 
 
 def _write_common(tmp: Path, tokenizer: Any, req: SaveRequest) -> None:
-    from finetune.config import dump_config
-
     tokenizer.save_pretrained(tmp)
     (tmp / "finetune.yaml").write_text(dump_config(req.cfg, comments=False))
-    (tmp / "run.json").write_text(json.dumps(req.run_info, indent=2, sort_keys=True, default=str) + "\n")
+    write_json(tmp / "run.json", req.run_info)
 
 
 def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, Any]:
@@ -89,13 +92,11 @@ def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, An
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from finetune.model import load_base_model
-
     if not req.cfg.lora.enabled:
         return _verify_full(folder, trained, req)
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     _check_lora_weights(tensors)
-    base = load_base_model(req.source, req.cfg.model, req.cfg.task, req.cfg.lora, req.labels)
+    base = load_base_model(req.source, req.cfg.model, req.cfg.task, req.cfg.lora.quantization, req.labels)
     reloaded = PeftModel.from_pretrained(base, str(folder))
     missing = _missing_adapter_keys(trained, reloaded)
     if missing:
@@ -105,9 +106,7 @@ def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, An
 
 def _verify_full(folder: Path, trained: Any, req: SaveRequest) -> dict[str, Any]:
     """Full fine-tuning: the folder is a whole model; reload it as one and compare logits."""
-    from finetune.model import Source, load_base_model
-
-    reloaded = load_base_model(Source(str(folder), str(folder)), req.cfg.model, req.cfg.task, None, req.labels)
+    reloaded = load_base_model(Source(str(folder), str(folder)), req.cfg.model, req.cfg.task, "none", req.labels)
     return {**_compare_logits(trained, reloaded, req), "full_model": True}
 
 
@@ -165,13 +164,4 @@ def _record_verification(tmp: Path, report: dict[str, Any]) -> None:
     run_path = tmp / "run.json"
     info = json.loads(run_path.read_text())
     info["verification"] = report
-    run_path.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _replace(tmp: Path, final: Path) -> None:
-    old = final.parent / f".{final.name}.old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    write_json(run_path, info)

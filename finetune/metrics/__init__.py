@@ -11,6 +11,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import FinetuneError
+
 METRICS_DIR = Path(__file__).parent
 GENERATION = ("exact_match", "token_f1", "rouge_l", "chrf")
 CLASSIFICATION = ("accuracy", "macro_f1", "confusion_matrix")
@@ -23,8 +25,6 @@ def available() -> list[str]:
 def metric_path(name: str) -> Path:
     path = METRICS_DIR / f"{name}.py"
     if name.startswith("_") or not path.is_file():
-        from finetune.errors import FinetuneError
-
         raise FinetuneError(f"unknown metric '{name}'; available: {', '.join(available())}")
     return path
 

@@ -3,28 +3,27 @@
 transformers can read a GGUF file directly, but it de-quantizes every tensor on each load (~45 s for a 135M model
 on 2 CPU cores) and the resulting model cannot be saved as-is (its config carries a GGUF quantization_config).
 So we convert once into a plain folder (weights without quantization_config, tokenizer with its chat template,
-generation config) that later runs load in about a second. The folder is written under a temporary name and renamed
-into place, so an interrupted import never leaves a half folder that looks finished.
+generation config) that later runs load in about a second. The folder is written through finetune.files.atomic_dir,
+so an interrupted import never leaves a half folder that looks finished.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import ModelError
+from finetune.files import atomic_dir, cache_root, write_json
 
 if TYPE_CHECKING:
     from finetune.config.model import ModelConfig
-    from finetune.model import Source
 
 STAMP = "gguf_source.json"  # names the GGUF file a folder came from; its presence marks a finished import
 SAVE_DTYPES = ("bfloat16", "float32", "float16")
+KIND = "gguf-import"
 
 
 @dataclass(frozen=True)
@@ -49,13 +48,6 @@ class GgufFile:
         return hashlib.sha256(json.dumps(self.stamp(dtype), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_root() -> Path:
-    """$FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune."""
-    if os.environ.get("FINETUNE_CACHE"):
-        return Path(os.environ["FINETUNE_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "finetune"
-
-
 def locate_gguf(cfg: ModelConfig) -> GgufFile:
     """model.gguf_file is a path, or a file name inside the folder model.name_or_path."""
     assert cfg.gguf_file is not None
@@ -71,15 +63,11 @@ def locate_gguf(cfg: ModelConfig) -> GgufFile:
     )
 
 
-def gguf_source(cfg: ModelConfig) -> Source:
+def gguf_folder(cfg: ModelConfig) -> Path:
     """The cached HF folder for model.gguf_file, importing it first if this exact file was never imported."""
-    from finetune.model import Source
-
     gguf = locate_gguf(cfg)
     folder = cache_root() / "gguf" / f"{gguf.path.stem}-{gguf.cache_key('bfloat16')}"
-    import_gguf(gguf.path, folder)
-    ref = str(folder.resolve())
-    return Source(ref, ref)
+    return import_gguf(gguf.path, folder).resolve()
 
 
 def is_imported(folder: Path, gguf: GgufFile, dtype: str) -> bool:
@@ -100,28 +88,12 @@ def import_gguf(file: str | Path, out_dir: str | Path, dtype: str = "bfloat16", 
             f"{out} already exists and is not an import of {gguf.path} (size {gguf.size}, this mtime, {dtype}). "
             "Choose another folder, delete it, or pass --force to replace it."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # Replacing is safe: anything but a previous import is refused by atomic_dir, and another process that won a
+    # race to import the same file wrote the same folder.
+    with atomic_dir(out, KIND, overwrite=True, flag="--force") as tmp:
         _convert(gguf, tmp, dtype)
-        (tmp / STAMP).write_text(json.dumps(gguf.stamp(dtype), indent=2, sort_keys=True) + "\n")
-        _replace(tmp, out, gguf, dtype)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / STAMP, gguf.stamp(dtype))
     return out
-
-
-def _replace(tmp: Path, out: Path, gguf: GgufFile, dtype: str) -> None:
-    if out.exists():
-        if is_imported(out, gguf, dtype):  # another process finished the same import first: keep theirs
-            return
-        shutil.rmtree(out)  # only reached with force=True
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if not is_imported(out, gguf, dtype):  # lost a race to a process that imported the same file: fine
-            raise
 
 
 def _convert(gguf: GgufFile, tmp: Path, dtype: str) -> None:

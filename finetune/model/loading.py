@@ -1,55 +1,18 @@
-"""Load the tokenizer and the base weights from one source, and check that they fit each other and the task."""
+"""Load the tokenizer and the base weights from one resolved source, and check that they fit each other and the task."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.config.lora import LoraConfig
 from finetune.config.model import ModelConfig
 from finetune.errors import ModelError
+from finetune.model.source import Source, resolve_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-TEMPLATES_DIR = Path(__file__).parent / "templates"
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where tokenizer and weights come from: `folder` is local; `ref` is what we record (hub id or absolute path)."""
-
-    folder: str
-    ref: str
-    revision: str | None = None
-
-
-def resolve_source(cfg: ModelConfig) -> Source:
-    """A local folder becomes an absolute path; anything else is a hub id looked up in the local cache when offline."""
-    if cfg.gguf_file:
-        from finetune.gguf_import import gguf_source
-
-        return gguf_source(cfg)
-    path = Path(cfg.name_or_path).expanduser()
-    if path.is_dir():
-        return Source(str(path.resolve()), str(path.resolve()))
-    if cfg.name_or_path.startswith((".", "/", "~")) or path.suffix:
-        raise ModelError(f"model.name_or_path: folder not found: {path.resolve()}")
-    return Source(_hub_snapshot(cfg.name_or_path, cfg.revision), cfg.name_or_path, cfg.revision)
-
-
-def _hub_snapshot(repo_id: str, revision: str | None) -> str:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, revision=revision)
-    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types; all mean "not available"
-        raise ModelError(
-            f"model.name_or_path: cannot get '{repo_id}' (revision {revision or 'main'}) from the hub or the local "
-            f"cache: {type(exc).__name__}: {exc}\n  Offline? Download it once where the hub is reachable "
-            f"(`hf download {repo_id}`), or point model.name_or_path at a local folder."
-        ) from None
+TEMPLATES_DIR = Path(__file__).parent / "templates"  # built-in chat templates (model.chat_template)
 
 
 def load_tokenizer(source: Source, cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -91,7 +54,8 @@ def set_pad_token(tok: PreTrainedTokenizerBase) -> str:
     raise ModelError("the tokenizer has neither a pad, an unk nor an eos token; add one to its tokenizer_config.json")
 
 
-def model_kwargs(cfg: ModelConfig, lora: LoraConfig | None) -> dict[str, Any]:
+def model_kwargs(cfg: ModelConfig, quantization: str = "none") -> dict[str, Any]:
+    """from_pretrained arguments: dtype, attention kernel, and a bitsandbytes config for QLoRA ("4bit"/"8bit")."""
     import torch
 
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
@@ -101,8 +65,8 @@ def model_kwargs(cfg: ModelConfig, lora: LoraConfig | None) -> dict[str, Any]:
         kwargs["dtype"] = torch.float32  # CPU: keep LoRA math exact; bf16 comes from autocast
     if cfg.attn_implementation != "auto":
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if lora is not None and lora.quantization != "none":
-        kwargs["quantization_config"] = _bnb_config(lora.quantization)
+    if quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(quantization)
     return kwargs
 
 
@@ -119,11 +83,12 @@ def _bnb_config(quantization: str) -> Any:
 
 
 def load_base_model(
-    source: Source, cfg: ModelConfig, task: str, lora: LoraConfig | None = None, labels: list[str] | None = None
+    source: Source, cfg: ModelConfig, task: str, quantization: str = "none", labels: list[str] | None = None
 ) -> PreTrainedModel:
+    """The base weights for `task` (a new classification head sized by `labels`), quantized for QLoRA if asked."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = model_kwargs(cfg, lora)
+    kwargs = model_kwargs(cfg, quantization)
     try:
         if task == "classification":
             labels = labels or ["0", "1"]
@@ -150,11 +115,11 @@ def check_pair(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: Sou
 
 
 def load_model(
-    cfg: ModelConfig, task: str = "causal_lm", lora: LoraConfig | None = None, labels: list[str] | None = None
+    cfg: ModelConfig, task: str = "causal_lm", quantization: str = "none", labels: list[str] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Source]:
     """Tokenizer and weights from the same resolved folder, checked against each other."""
     source = resolve_source(cfg)
     tok = load_tokenizer(source, cfg)
-    model = load_base_model(source, cfg, task, lora, labels)
+    model = load_base_model(source, cfg, task, quantization, labels)
     check_pair(model, tok, source, task)
     return model, tok, source

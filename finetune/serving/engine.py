@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.config.model import ModelConfig
+from finetune.data.prompting import prompt_ids, stop_token_ids, uses_chat_template
 from finetune.errors import FinetuneError
+from finetune.lifecycle.fit import check_adapter_fits
+from finetune.lifecycle.folder import base_source, load_adapter, read_adapter
+from finetune.model import load_model, set_pad_token
 
 BASE = "base model"  # the picker entry that runs the base with every adapter disabled
 CHARS_PER_TOKEN_CAP = 16  # reject absurdly long input before tokenizing it: no tokenizer packs more than this
@@ -142,8 +147,6 @@ class Engine:
         return entry
 
     def _render(self, entry: Entry, prompt: Prompt) -> list[int]:
-        from finetune.prompting import prompt_ids
-
         text = prompt if isinstance(prompt, str) else "".join(str(m.get("content", "")) for m in prompt)
         return self._check_length(text, lambda: prompt_ids(entry.tok, prompt, chat=entry.chat))
 
@@ -256,7 +259,6 @@ class _Cancelled:
 def load_engine(folders: Sequence[str | Path], base: str | None = None, limits: Limits | None = None) -> Engine:
     """Load every adapter folder; those sharing task, base and labels share one loaded model (peft multi-adapter).
     With no folder, `base` alone is served."""
-    from finetune.adapters import read_adapter
 
     if not folders and not base:
         raise FinetuneError("nothing to serve: give one or more adapter folders, or --base MODEL for a base model alone")
@@ -290,8 +292,6 @@ def _check_names(infos: list[Any]) -> None:
 
 
 def _grouped(infos: list[Any], base: str | None) -> dict[tuple[str, str, tuple[str, ...]], list[Any]]:
-    from finetune.adapters import base_source
-
     groups: dict[tuple[str, str, tuple[str, ...]], list[Any]] = {}
     for info in infos:
         key = (info.task, base_source(info, base)[0].ref, tuple(info.run.get("labels") or ()))
@@ -300,15 +300,13 @@ def _grouped(infos: list[Any], base: str | None) -> dict[tuple[str, str, tuple[s
 
 
 def _load_group(members: list[Any], base: str | None) -> dict[str, Entry]:
-    """The first adapter loads the base (through finetune.adapters); the others are added to it by name."""
+    """The first adapter loads the base (through finetune.lifecycle.folder); the others are added to it by name."""
     from transformers import AutoTokenizer
-
-    from finetune.adapters import load_adapter
-    from finetune.model import set_pad_token
 
     model, tok, first = load_adapter(members[0].folder, base)
     entries = {first.name: _entry(model, tok, first, "default")}
     for i, info in enumerate(members[1:], start=1):
+        check_adapter_fits(info, *base_source(info, base))
         result = model.load_adapter(str(info.folder), adapter_name=f"adapter_{i}")
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
@@ -322,8 +320,6 @@ def _load_group(members: list[Any], base: str | None) -> dict[str, Entry]:
 
 
 def _entry(model: Any, tok: Any, info: Any, peft_name: str) -> Entry:
-    from finetune.prompting import stop_token_ids
-
     stop_ids = stop_token_ids(tok, getattr(model, "generation_config", None)) if info.task == "causal_lm" else []
     return Entry(model, tok, info.task, info.chat, peft_name, stop_ids, _card(info))
 
@@ -334,10 +330,6 @@ def _base_entry(first: Entry) -> Entry:
 
 
 def _base_only_entry(base: str) -> Entry:
-    from finetune.config.model import ModelConfig
-    from finetune.model import load_model
-    from finetune.prompting import stop_token_ids, uses_chat_template
-
     model, tok, source = load_model(ModelConfig(name_or_path=base))
     model.eval()
     chat = uses_chat_template(tok)

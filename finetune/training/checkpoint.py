@@ -1,5 +1,5 @@
-"""Resumable checkpoints: <work>/checkpoints/step-00000042/, written whole to a temporary folder then renamed, so a
-crash mid-write leaves the previous checkpoint as the newest complete one.
+"""Resumable checkpoints: <work>/checkpoints/step-00000042/, written through finetune.files.atomic_dir, so a crash
+mid-write leaves the previous checkpoint as the newest complete one.
 
 A checkpoint holds the trainable weights, the optimizer and scheduler states, every RNG state, the step, the data
 cursor, and the loop's bookkeeping (loss history, best eval, patience): resuming from it replays the exact run.
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.files import atomic_dir, remove_output, write_json
 
 STATE_FILE = "trainer_state.json"
+KIND = "checkpoint"
 
 
 @dataclass
@@ -77,19 +78,21 @@ def save_checkpoint(root: Path, model: Any, optimizer: Any, scheduler: Any, stat
     import torch
 
     final = root / f"step-{state.step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(trainable_state(model), tmp / "trainable.pt")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()}, tmp / "optim.pt")
-    if best is not None:
-        torch.save(best, tmp / "best.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_dir(final, KIND, overwrite=True) as tmp:
+        torch.save(trainable_state(model), tmp / "trainable.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()}, tmp / "optim.pt")
+        if best is not None:
+            torch.save(best, tmp / "best.pt")
+        write_json(tmp / STATE_FILE, asdict(state))
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_output(old, KIND)
     return final
+
+
+def clear_checkpoints(root: Path) -> None:
+    """A fresh run must not resume from, or mix with, an earlier run's checkpoints."""
+    for path in list_checkpoints(root):
+        remove_output(path, KIND)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

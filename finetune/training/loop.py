@@ -1,28 +1,27 @@
 """The training loop on accelerate: we own it (no transformers.Trainer) so the loss normalisation, the data order
-and resuming are exact. Process setup and data order: finetune.distributed; checkpoints: finetune.checkpoint;
-metrics and trackers: finetune.trackers."""
+and resuming are exact. Process setup and data order: finetune.training.processes; checkpoints: finetune.training.checkpoint;
+metrics and trackers: finetune.training.trackers."""
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune import checkpoint as ckpt
 from finetune.config.train import TrainConfig
-from finetune.distributed import DataPlan, rank_share, resolve_precision, step_examples, stream_from
-from finetune.distributed import make_accelerator as _make_accelerator
 from finetune.errors import FinetuneError
-from finetune.profiling import PROFILE, StepProfiler
-from finetune.progress import ProgressBar, StopSignal
-from finetune.trackers import METRICS, MetricsLog, tracker_setup
+from finetune.training import checkpoint as ckpt
+from finetune.training.loss import loss_sum, target_count
+from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from
+from finetune.training.processes import make_accelerator as _make_accelerator
+from finetune.training.profiling import PROFILE, StepProfiler
+from finetune.training.progress import ProgressBar, StopSignal
+from finetune.training.trackers import MetricsLog, tracker_setup
 
 if TYPE_CHECKING:
-    import torch
     from accelerate import Accelerator
     from torch import nn
 
@@ -56,24 +55,6 @@ def make_accelerator(cfg: TrainConfig, work: Path | None = None) -> Accelerator:
     if cfg.trackers and work is not None:
         tracker_setup(list(cfg.trackers), work)
     return _make_accelerator(cfg.precision, list(cfg.trackers), str(work) if work else None)
-
-
-def loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Summed (not averaged) loss of a micro-batch, so the caller can normalise over the whole accumulated batch."""
-    import torch.nn.functional as F
-
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    logits = model(**inputs).logits.float()
-    if "label" in batch:
-        return F.cross_entropy(logits, batch["label"], reduction="sum")
-    targets = batch["labels"][:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-
-
-def target_count(batch: dict[str, Any]) -> int:
-    if "label" in batch:
-        return int(batch["label"].numel())
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Accelerator, out_dir: Path,
@@ -134,7 +115,7 @@ class _Loop:
         self.ckpt_dir = work / "checkpoints"
         self.resumed = self._resume()
         if self.resumed is None and acc.is_main_process:
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # a fresh run must not mix with an old run's checkpoints
+            ckpt.clear_checkpoints(self.ckpt_dir)
         self.log = MetricsLog(acc, work, work.name, hparams, list(cfg.trackers))
         self.stream = None if sized else stream_from(data.train, self.plan.cursor)
 
@@ -349,6 +330,3 @@ def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-__all__ = ["METRICS", "resolve_precision", "TrainResult", "evaluate_loss", "loss_sum", "make_accelerator", "target_count", "train"]
