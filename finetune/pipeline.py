@@ -10,6 +10,7 @@ from typing import Any
 from finetune import __version__
 from finetune.config import JobConfig, dump_config
 from finetune.data import DataBundle, build_data
+from finetune.data.prompt_record import describe_prompts
 from finetune.lifecycle import runinfo
 from finetune.lifecycle.save import SaveRequest, check_output_free, save_adapter
 from finetune.model import (
@@ -49,7 +50,8 @@ def run_train(cfg: JobConfig) -> Path:
         result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump())
     with _timed(timings, "save_s"):
         info = _run_info(cfg, bundle, result, timings, accelerator, net)
-        request = SaveRequest(cfg, source, info, _probe(bundle), bundle.labels, logs=work)
+        prompt = describe_prompts(cfg.data, bundle.chat)
+        request = SaveRequest(cfg, source, info, _probe(bundle), bundle.labels, logs=work, prompt=prompt)
         folder = save_adapter(net if result.model is None else result.model, tokenizer, request, accelerator)
     say(f"adapter saved and verified: {folder.resolve()}")
     return folder

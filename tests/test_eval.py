@@ -261,7 +261,7 @@ def test_chat_and_text_data_end_to_end(trained: Path, tmp_path):
 
 
 def test_plain_prompts_stay_plain_text():
-    from finetune.evaluation.examples import prompt_of
+    from finetune.data.prompting import prompt_of
 
     record = {"kind": "pair", "prompt": "name: bob", "completion": "hello bob", "system": "be brief"}
     assert prompt_of(record, chat=False) == "name: bob"  # training's plain encoding has no system prompt either

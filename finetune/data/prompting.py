@@ -40,3 +40,29 @@ def stop_token_ids(tok: PreTrainedTokenizerBase, generation_config: Any = None) 
     extra = getattr(generation_config, "eos_token_id", None)
     ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
     return sorted(ids)
+
+
+def prompt_of(record: dict[str, Any], chat: bool) -> str | Messages:
+    """What generation is given for a canonical pair or chat record cut at its reference: everything before the
+    reference, as training rendered it (system prompt included)."""
+    if record["kind"] == "chat":
+        return list(record["messages"][:-1])
+    if not chat:
+        return str(record["prompt"])  # plain prompts ignore the system prompt, as training's encoding does
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return [*system, {"role": "user", "content": record["prompt"]}]
+
+
+def prompt_and_reference(record: dict[str, Any], chat: bool) -> tuple[str | Messages, str] | None:
+    """(prompt, reference answer) of a pair or chat record (the last assistant turn of a chat); None for text
+    records and for chats whose last assistant turn has no prompt before it or no text."""
+    if record["kind"] == "pair":
+        return prompt_of(record, chat), str(record["completion"])
+    if record["kind"] != "chat":
+        return None
+    messages = record["messages"]
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=0)
+    reference = messages[last].get("content")
+    if last == 0 or not isinstance(reference, str):
+        return None
+    return prompt_of({"kind": "chat", "messages": messages[: last + 1]}, chat), reference

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.config.data import DataConfig
 from finetune.data.formats import detect_format, normalise
-from finetune.data.prompting import Messages
 from finetune.data.sources import BadRows, iter_source, normalise_sources, source_fingerprint
 from finetune.errors import DataError
 
@@ -101,16 +100,6 @@ def _chat_example(record: Record, where: str) -> Example:
     if not isinstance(reference, str):
         raise DataError(f"{where}: the last assistant message has no text 'content' to compare outputs with")
     return Example({"kind": "chat", "messages": messages[: last + 1]}, where, reference)
-
-
-def prompt_of(record: Record, chat: bool) -> str | Messages:
-    """What generation is given: everything before the reference, as training rendered it (system prompt included)."""
-    if record["kind"] == "chat":
-        return record["messages"][:-1]
-    if not chat:
-        return str(record["prompt"])  # plain prompts ignore the system prompt, as training's encoding does
-    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    return [*system, {"role": "user", "content": record["prompt"]}]
 
 
 def label_index(label: Any, labels: list[str] | None, where: str) -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config import load_config
-from finetune.data.prompting import stop_token_ids
+from finetune.data.prompting import prompt_of, stop_token_ids
 from finetune.errors import DataError, FinetuneError
-from finetune.evaluation.examples import EvalSet, data_config, load_eval_set, prompt_of
+from finetune.evaluation.examples import EvalSet, data_config, load_eval_set
 from finetune.evaluation.generate import Decoding, decode, encode_prompts, generate
 from finetune.evaluation.report import write_outputs
 from finetune.evaluation.scoring import (

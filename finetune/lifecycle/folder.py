@@ -13,6 +13,7 @@ from typing import Any
 
 from finetune.config import JobConfig, load_config
 from finetune.config.model import ModelConfig
+from finetune.data.prompt_record import PROMPT_FILE, PromptRecord, describe_prompts
 from finetune.errors import FinetuneError
 from finetune.files import recover
 from finetune.lifecycle.fit import check_adapter_fits
@@ -46,6 +47,22 @@ class AdapterInfo:
     def chat(self) -> bool:
         """Whether prompts go through the chat template (as recorded at training time)."""
         return bool(self.run.get("data", {}).get("chat_template", False))
+
+    @property
+    def prompt(self) -> PromptRecord:
+        """How training built prompts (prompt.json). Adapters saved before that record existed get what their
+        finetune.yaml and data still tell: the system prompt and examples when the data files are here, else
+        data.system_prompt, else nothing."""
+        path = self.folder / PROMPT_FILE
+        if path.is_file():
+            return PromptRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        if self.job is None:
+            return PromptRecord(self.chat)
+        try:
+            return describe_prompts(self.job.data, self.chat)
+        except (FinetuneError, OSError, ValueError):
+            system = self.job.data.system_prompt
+            return PromptRecord(self.chat, system, "data.system_prompt" if system else "none")
 
 
 def read_adapter(folder: str | Path) -> AdapterInfo:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data.prompt_record import PROMPT_FILE
 from finetune.errors import FinetuneError
-from finetune.files import write_json
+from finetune.files import is_hidden, write_json
 from finetune.lifecycle.folder import AdapterInfo, read_adapter
 from finetune.lifecycle.modelcard import CardInput, render_card
 
@@ -117,6 +118,8 @@ def build_hub_folder(info: AdapterInfo, folder: Path, card: CardInput) -> Publis
     for name in allowed:
         if (info.folder / name).is_file():
             shutil.copy2(info.folder / name, folder / name)
+    # The prompt format travels with the adapter (users need its system prompt); its example rows may be private.
+    write_json(folder / PROMPT_FILE, info.prompt.to_dict(with_examples=False))
     if card.base_model:
         _set_base(folder / "adapter_config.json", card.base_model)
     if (folder / "finetune.yaml").is_file():
@@ -125,7 +128,8 @@ def build_hub_folder(info: AdapterInfo, folder: Path, card: CardInput) -> Publis
     (folder / "README.md").write_text(render_card(info, card), encoding="utf-8")
     files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
     left_out = sorted(p.relative_to(info.folder).as_posix() + ("/" if p.is_dir() else "")
-                      for p in info.folder.iterdir() if p.name not in (*allowed, "README.md"))
+                      for p in info.folder.iterdir()
+                      if p.name not in (*allowed, "README.md", PROMPT_FILE) and not is_hidden(p))
     return PublishReport(str(folder.resolve()), files, left_out)
 
 

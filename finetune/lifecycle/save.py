@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config import JobConfig, dump_config
+from finetune.data.prompt_record import PROMPT_FILE, PromptRecord
 from finetune.errors import VerificationError
 from finetune.files import atomic_dir, check_replaceable, write_json
 from finetune.model import Source, load_base_model
@@ -32,6 +33,7 @@ class SaveRequest:
     probe: dict[str, Any]  # a small batch the verification compares logits on
     labels: list[str] | None = None
     logs: Path | None = None  # the run's work folder: metrics.jsonl and profile.txt are copied, loss.png drawn
+    prompt: PromptRecord | None = None  # how prompts were built (prompt.json): the demo, server and eval use it
 
 
 def check_output_free(cfg: JobConfig) -> None:
@@ -85,6 +87,8 @@ def _write_common(tmp: Path, tokenizer: Any, req: SaveRequest) -> None:
     tokenizer.save_pretrained(tmp)
     (tmp / "finetune.yaml").write_text(dump_config(req.cfg, comments=False))
     write_json(tmp / "run.json", req.run_info)
+    if req.prompt is not None:
+        write_json(tmp / PROMPT_FILE, req.prompt.to_dict())
 
 
 def verify_adapter(folder: Path, trained: Any, req: SaveRequest) -> dict[str, Any]:
