@@ -16,7 +16,7 @@ from finetune.testing import qa_rows, write_jsonl
 
 EXPECTED_FILES = {
     "adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-    "chat_template.jinja", "finetune.yaml", "run.json", "metrics.jsonl", "README.md", "loss.png", ".finetune-output.json",
+    "chat_template.jinja", "finetune.yaml", "run.json", "metrics.jsonl", "README.md", "loss.png", ".finetune-output.json", "prompt.json",
 }
 
 

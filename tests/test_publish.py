@@ -16,7 +16,7 @@ from tests.hub_server import FakeHub
 
 TOKEN = "hf_" + "Zq3" * 12  # shaped like a real token, so the secret scan would notice it anywhere
 EXPECTED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "finetune.yaml",
-            "metrics.jsonl", "run.json", "tokenizer.json", "tokenizer_config.json"}
+            "metrics.jsonl", "prompt.json", "run.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.fixture(scope="module")
