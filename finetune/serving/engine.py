@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.model import ModelConfig
+from finetune.data.prompt_record import PromptRecord
 from finetune.data.prompting import prompt_ids, stop_token_ids, uses_chat_template
 from finetune.errors import FinetuneError
 from finetune.lifecycle.fit import check_adapter_fits
@@ -58,6 +59,8 @@ class AdapterCard:
     labels: list[str] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # run.json "metrics"
     eval_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.json name -> base/adapter/delta
+    eval_decoding: dict[str, Any] = field(default_factory=dict)  # eval.json "decoding" (strategy, max_new_tokens)
+    prompt: PromptRecord | None = None  # prompt.json: how training built prompts (None for the base entry)
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Engine:
             raise InputError("Type a message first.")
         yield from self.generate(name, messages, params, cancel)
 
-    def compare(self, name: str, prompt: str, params: GenerationParams,
+    def compare(self, name: str, prompt: Prompt, params: GenerationParams,
                 cancel: threading.Event | None = None) -> Iterator[tuple[str, str]]:
         """(base text, adapter text) as both grow: the base first, then the adapter; same prompt ids, params, seed."""
         entry = self._generator(name)
@@ -349,4 +352,5 @@ def _card(info: Any) -> AdapterCard:
         name=info.name, base=info.base, task=info.task, rank=info.adapter_config.get("r"),
         alpha=info.adapter_config.get("lora_alpha"), chat=info.chat, labels=info.run.get("labels"),
         metrics=dict(info.run.get("metrics") or {}), eval_metrics=eval_metrics,
+        eval_decoding=dict(report.get("decoding") or {}), prompt=info.prompt,
     )
