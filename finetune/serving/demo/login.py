@@ -15,7 +15,8 @@ def hide_api_on_login_page(body: bytes) -> bytes:
     """The login page without the API description; any other page as it is."""
     if LOGIN_MARK not in body:
         return body
-    return API_INFO.sub(b"window.gradio_api_info = null;</script>", body)
+    # empty rather than null: with null the login page fetches the description itself (a 404 on /info)
+    return API_INFO.sub(b'window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>', body)
 
 
 class LoginPageWithoutApi:
