@@ -22,6 +22,7 @@ CSS = """
 #adapter-summary p { font-size: var(--text-xl); overflow-wrap: anywhere; margin: 0; }
 #adapter-card ul { margin: 0; padding-left: 1.2em; }
 #adapter-card li { overflow-wrap: anywhere; }
+@media (max-width: 640px) { #accordions:has(.label-wrap.open) { flex-direction: column; } #accordions > * { width: 100%; } }
 .counter { font-size: var(--text-sm); color: var(--body-text-color-subdued); text-align: right; }
 .status-line { font-size: var(--text-sm); color: var(--body-text-color-subdued); min-height: 1.5em; }
 .prose.inline-warning { border-left: 4px solid #d97706; background: #fffbeb; color: #78350f; padding: 2px 12px;
@@ -60,10 +61,10 @@ def build_app(engine: Engine, concurrency_limit: int = 1, queue_size: int = 64) 
             with gr.Column(scale=3, min_width=240, elem_id="summary-column"):
                 gr.Markdown("finetune demo", elem_id="page-title")
                 summary = gr.Markdown(summary_line(first), elem_id="adapter-summary")
-        with gr.Row(equal_height=False):
-            with gr.Accordion("Adapter card", open=False, elem_id="card-accordion"):
+        with gr.Row(equal_height=False, elem_id="accordions"):  # side by side; on a phone stacked once one opens (CSS)
+            with gr.Column(min_width=160), gr.Accordion("Adapter card", open=False, elem_id="card-accordion"):
                 card = gr.Markdown(card_markdown(first), elem_id="adapter-card")
-            with gr.Accordion("Generation settings", open=False, elem_id="settings-accordion"):
+            with gr.Column(min_width=160), gr.Accordion("Generation settings", open=False, elem_id="settings-accordion"):
                 settings = _settings(engine, first)
         page = Page(engine, picker, settings, concurrency_limit)
         with gr.Tabs(elem_id="tabs") as tabs:
