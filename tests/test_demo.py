@@ -305,3 +305,46 @@ def test_card_lists_equal_exact_matches_once_with_signed_deltas() -> None:
     unequal.eval_metrics["exact_match"] = {"base": 0.0, "adapter": 0.5, "delta": 0.5}
     assert "- **eval exact_match**: 0.50 (base 0.00, +0.50)" in card_markdown(unequal)
     assert default_temperature(quickstart_card()) == 0.0 and default_temperature(quickstart_card(eval_decoding={})) == 0.7
+
+
+def test_installed_wheel_serves_the_demo_from_another_folder(adapters: dict[str, Path], tmp_path: Path) -> None:
+    """`pip install` of the wheel into a fresh venv (dependencies borrowed from this one by a path file, the package
+    itself only from the wheel), then `finetune demo` from an unrelated folder: no source checkout needed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"  # built from a copy: no build/ in the checkout
+    shutil.copytree(root / "finetune", src / "finetune", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, env=env, cwd=tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)  # type: ignore[attr-defined]
+    purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  check=True, capture_output=True, text=True).stdout.strip())
+    (purelib / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # a plain path: no editable finder
+    wheel = next((tmp_path / "dist").glob("finetune-*.whl"))
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, env=env)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port = free_port()
+    with (tmp_path / "server.log").open("w") as log:
+        proc = subprocess.Popen([str(venv / "bin" / "finetune"), "demo", str(adapters["farewell"]), "--port", str(port)],
+                                cwd=elsewhere, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline and f"demo: open http://127.0.0.1:{port}/" not in (tmp_path / "server.log").read_text():
+            time.sleep(0.5)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert "finetune demo" in page and "farewell" in page
+        where = subprocess.run([str(venv / "bin" / "python"), "-c", "import finetune.serving.demo as d; print(d.__file__)"],
+                               check=True, capture_output=True, text=True, cwd=elsewhere, env=env).stdout
+        assert where.startswith(str(purelib))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -110,9 +110,9 @@ def value(page: Any, selector: str) -> str:
     return str(page.locator(selector).input_value())
 
 
-def run_and_wait(page: Any, tab: str) -> str:
+def run_and_wait(page: Any, tab: str, button: str = "btn") -> str:
     """Click the tab's run button, see it off and Stop on while the run goes, then both back; returns the status line."""
-    page.locator(f"#{tab}-btn").click()
+    page.locator(f"#{tab}-{button}").click()
     page.wait_for_function("t => document.querySelector(`#${t}-btn`).disabled && !document.querySelector(`#${t}-stop`).disabled",
                            arg=tab)
     page.wait_for_function("t => !document.querySelector(`#${t}-btn`).disabled && document.querySelector(`#${t}-stop`).disabled",
@@ -200,7 +200,10 @@ def test_browser_chat_with_enter_and_undo_compare_with_reference_and_api_page(
     assert STATUS.match(status), status
     messages = [{"role": "system", "content": JSON_SYSTEM}, {"role": "user", "content": "name: carol"}]
     reply = last(engine.chat(extract, messages, GenerationParams(DEFAULT_NEW_TOKENS, 0.0)))
-    assert page.locator("#chatbot").inner_text().strip().endswith(reply.strip())  # type: ignore[union-attr]
+    conversation = page.locator("#chatbot").inner_text().strip()
+    assert conversation.endswith(reply.strip())  # type: ignore[union-attr]
+    run_and_wait(page, "chat", "retry")  # answers the same message again (greedy: the same answer), not a second turn
+    assert page.locator("#chatbot").inner_text().strip() == conversation
     page.locator("#chat-undo").click()
     page.wait_for_function("() => document.querySelector('#chat-prompt input').value === 'name: carol'")
 
