@@ -123,7 +123,8 @@ def run_and_wait(page: Any, tab: str, button: str = "btn") -> str:
 def pick(page: Any, name: str) -> None:
     page.locator("#adapter-picker input").click()
     page.get_by_role("option", name=name, exact=True).click()
-    page.wait_for_function("n => document.querySelector('#adapter-summary').innerText.startsWith(n)", arg=name)
+    shows = "the base model alone" if name == BASE else f"{name} · "  # the summary line of the picked entry
+    page.wait_for_function("n => document.querySelector('#adapter-summary').innerText.includes(n)", arg=shows)
 
 
 def set_slider(page: Any, elem_id: str, target: float) -> None:
@@ -187,7 +188,7 @@ def test_browser_types_a_prompt_gets_output_switches_adapter(cli_server: tuple[s
     assert server_log.count("demo: refused") == 1 and "Traceback" not in server_log
 
 
-def test_browser_chat_with_enter_and_undo_compare_with_reference_and_api_page(
+def test_browser_chat_compare_stop_and_api_page(
         cli_server: tuple[str, Path], engine: Engine, browser: Any, json_adapter: Path) -> None:
     url, _ = cli_server
     b = browser(1280)
@@ -217,6 +218,19 @@ def test_browser_chat_with_enter_and_undo_compare_with_reference_and_api_page(
     assert value(page, "#compare-base textarea") == last(engine.generate(BASE, prompt, params))
     assert value(page, "#compare-adapter textarea") == last(engine.generate(extract, prompt, params))
     _shot(page, "1280_compare")
+
+    page.get_by_role("tab", name="Generate").click()  # Stop: the base model rambles until stopped
+    pick(page, BASE)
+    page.get_by_text("Generation settings").click()
+    set_slider(page, "max-new-tokens", 512)
+    page.locator("#generate-prompt textarea").fill("name: stop me")
+    page.locator("#generate-btn").click()
+    page.wait_for_function("() => document.querySelector('#generate-output textarea').value.length > 0")
+    page.locator("#generate-stop").click()
+    page.wait_for_function("() => document.querySelector('#generate-status').innerText.includes('stopped')")
+    stopped = str(page.locator("#generate-status").inner_text()).strip()
+    assert stopped.endswith("stopped: Stop") and int(stopped.split()[0]) < 512, stopped
+    page.wait_for_function("() => !document.querySelector('#generate-btn').disabled")
 
     page.get_by_text("Use via API").click()  # the API page: no MCP or monitoring request that could 404 / 403
     page.get_by_text("/generate").first.wait_for()
