@@ -39,6 +39,7 @@ def test_demo_output_equals_eval_output(json_adapter: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # eval on both sides, then the demo engine: ~10 minutes on a busy 2-core CPU
 def test_quickstart_demo_reaches_the_json_exact_match_of_eval(tmp_path: Path) -> None:
     """20 held-out rows of the real quickstart: eval's json_exact_match equals the demo engine's."""
     from finetune.evaluation.runner import EvalOptions, run_eval
