@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -17,6 +18,7 @@ from finetune.errors import FinetuneError
 from finetune.files import cache_root
 
 BUG_EXIT_CODE = 70  # EX_SOFTWARE: an internal error, not the user's input
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # verb -> module exposing HELP, add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, str] = {
@@ -74,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in MACHINE_ERRNOS:
+            return report_bug(exc, argv if argv is not None else sys.argv[1:])
+        # The machine, not finetune: a full disk, a read-only or unwritable folder.
+        print(f"error: {exc.strerror}: {exc.filename or 'while writing'}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - anything else is our bug: one line for the user, the rest to a file
         return report_bug(exc, argv if argv is not None else sys.argv[1:])
     finally:

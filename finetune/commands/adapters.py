@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.files import is_hidden, recover
 
 HELP = "List the adapters under adapters/ (name, base, task, rank, size, key metric, created)."
 COLUMNS = ("name", "base", "task", "rank", "size", "key metric", "created")
@@ -25,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise FinetuneError(f"adapters folder not found: {root.resolve()} (train one with `finetune train JOB.yaml`, or pass --dir)")
-    rows = [adapter_row(p) for p in sorted(root.iterdir()) if _is_output(p)]
+    for aside in root.glob(".*.old-*"):  # an overwrite interrupted between its two renames: finish it first
+        recover(root / aside.name[1:].rsplit(".old-", 1)[0])
+    # Temporaries (.NAME.tmp-PID) and set-aside old outputs start with '.', like the run's .work folder.
+    rows = [adapter_row(p) for p in sorted(root.iterdir()) if not is_hidden(p) and _is_output(p)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
