@@ -73,9 +73,13 @@ def check_replaceable(final: Path, kind: str, overwrite: bool, flag: str = "over
         what = "a file" if not final.is_dir() else "a folder finetune did not write"
         found = output_kind(final) if final.is_dir() else None
         if found:
-            what = f"a {found} output, not a {kind}"
+            what = f"{_a(found)} {found} output, not {_a(kind)} {kind}"
         raise FinetuneError(f"refusing to replace {final.resolve()}: it is {what}. finetune only replaces its own "
                             f"previous {kind} output; choose another location")
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 @contextmanager
@@ -165,10 +169,12 @@ def remove_output(folder: Path, kind: str) -> None:
 
 def recover(final: Path) -> None:
     """Finish an overwrite that a crash interrupted between its two renames: put the old output back under its
-    name when the new one never arrived, or drop the set-aside copy when it did."""
+    name when the new one never arrived, or drop the set-aside copy when it did. Temporaries of dead processes for
+    this output are removed too."""
     final = Path(final).absolute()
     if not final.parent.is_dir():
         return
+    _remove_stale(final)
     for old in sorted(final.parent.glob(f".{final.name}.old-*")):
         if output_kind(old) is None:
             continue

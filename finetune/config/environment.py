@@ -55,7 +55,7 @@ def _source_paths(cfg: JobConfig) -> list[tuple[str, str, str]]:
 
 def _output(cfg: JobConfig) -> list[tuple[str, str, str]]:
     """output.dir must be a folder we can create and write in: found now, not after hours of training."""
-    folder = Path(cfg.output.dir).expanduser()
+    folder = Path(cfg.output.dir).expanduser().absolute()
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -64,7 +64,7 @@ def _output(cfg: JobConfig) -> list[tuple[str, str, str]]:
         return [("output.dir", f"{cfg.output.dir} {what}, so no adapter folder can be created in it",
                  "choose a folder, e.g. output.dir=adapters")]
     if not os.access(existing, os.W_OK | os.X_OK):
-        return [("output.dir", f"cannot write in {existing.resolve()} (permission denied)",
+        return [("output.dir", f"cannot write in {existing} (permission denied)",
                  "choose a folder you can write to, e.g. output.dir=adapters")]
     return []
 

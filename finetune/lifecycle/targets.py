@@ -248,7 +248,7 @@ def _is_full_tensor(name: str, f: AdapterFacts) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("weights-file", TARGETS, _weights_file, f"{FIX} from the trained model"),
+    Rule("weights-file", TARGETS, _weights_file, FIX),
     Rule("required-keys", TARGETS, _required_keys, "retrain with finetune (it writes them) or add the keys to adapter_config.json"),
     Rule("lora-only", TARGETS, _lora_only, "train a LoRA adapter (lora.enabled: true)"),
     Rule("lora-pairs", TARGETS, _pairs, "the weights file is incomplete or edited: re-save it from the trained model"),

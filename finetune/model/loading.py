@@ -21,11 +21,20 @@ def load_tokenizer(source: Source, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     # AutoTokenizer, not a concrete class: a concrete fast class on a custom tokenizer silently gave other ids.
-    tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the tokenizer from {source.ref}: {_first_line(exc)}. The folder must hold a "
+                         "Hugging Face checkpoint (tokenizer files, config.json, weights)") from None
     if cfg.chat_template:
         tok.chat_template = read_chat_template(cfg.chat_template)
     set_pad_token(tok)
     return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def read_chat_template(name_or_path: str) -> str:
