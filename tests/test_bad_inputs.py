@@ -315,6 +315,10 @@ CASES: list[Case] = [
          "cannot load the tokenizer", both(job(), text_file("empty/README", "nothing here"))),
     Case("tokenizer but no weights", "model", (*T.split(), "model.name_or_path={root}/tok"), 1,
          "cannot load model weights", both(job(), lambda ctx: _tokenizer_only(ctx))),
+    Case("unknown model_type", "model", (*T.split(), "model.name_or_path={root}/odd"), 1, "cannot load",
+         both(job(), lambda ctx: _model_copy(ctx, "odd", config={"model_type": "no-such-architecture"}))),
+    Case("base weights truncated", "model", (*T.split(), "model.name_or_path={root}/cut"), 1,
+         "cannot load model weights", both(job(), lambda ctx: _model_copy(ctx, "cut", cut=True))),
     Case("unknown chat template name", "model", (*P.split(), "model.chat_template=vicuna"), 1,
          "neither a .jinja file nor a built-in", job()),
     # --- output: never replace or delete what finetune did not write ----------------------------------------------
@@ -428,6 +432,16 @@ CASES: list[Case] = [
     Case("concurrency absurd", "demo", ("demo", "{adapter}", "--concurrency", "100000"), 1, "--concurrency", adapter),
     Case("base folder missing", "demo", ("demo", "--base", "{root}/nope"), 1, "folder not found"),
 ]
+
+
+def _model_copy(ctx: Ctx, name: str, config: dict[str, Any] | None = None, cut: bool = False) -> None:
+    folder = ctx.root / name
+    shutil.copytree(ctx.tiny_lm, folder)
+    if config:
+        edit_json("config.json", **config)(folder)
+    if cut:
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
 
 
 def _tokenizer_only(ctx: Ctx) -> None:

@@ -96,7 +96,9 @@ UPPER = {"max_prompt_tokens": 1_048_576, "max_new_tokens": 1_048_576, "concurren
 def _check_limits(args: argparse.Namespace) -> None:
     for flag, upper in UPPER.items():
         value = getattr(args, flag)
-        if not 1 <= value <= upper:
-            raise FinetuneError(f"--{flag.replace('_', '-')} must be between 1 and {upper:,}, got {value}")
+        if value < 1:
+            raise FinetuneError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        if value > upper:
+            raise FinetuneError(f"--{flag.replace('_', '-')} must be at most {upper:,}, got {value}")
     if args.port is not None and not 1 <= args.port <= 65535:
         raise FinetuneError(f"--port must be between 1 and 65535, got {args.port}")

@@ -97,6 +97,7 @@ def load_base_model(
     source: Source, cfg: ModelConfig, task: str, quantization: str = "none", labels: list[str] | None = None
 ) -> PreTrainedModel:
     """The base weights for `task` (a new classification head sized by `labels`), quantized for QLoRA if asked."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs = model_kwargs(cfg, quantization)
@@ -106,8 +107,8 @@ def load_base_model(
             kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
             return _classifier(source, kwargs)
         return AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model weights from {source.ref}: {exc}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # a damaged weights file is a SafetensorError
+        raise ModelError(f"cannot load model weights from {source.ref}: {_first_line(exc)}") from None
 
 
 def _classifier(source: Source, kwargs: dict[str, Any]) -> PreTrainedModel:
