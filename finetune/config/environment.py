@@ -5,6 +5,7 @@ files, the output folder, a GPU for fp16. No torch import: `config validate` ans
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def no_gpu() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return True
     dev = Path("/dev")
-    nvidia = any(dev.glob("nvidia[0-9]*")) or Path("/proc/driver/nvidia/gpus").is_dir()
+    nvidia = any(dev.glob("nvidia[0-9]*")) or Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi")
     return not (nvidia or (dev / "kfd").exists())
 
 
