@@ -26,9 +26,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise FinetuneError(f"adapters folder not found: {root.resolve()} (train one with `finetune train JOB.yaml`, or pass --dir)")
-    for aside in root.glob(".*.old-*"):  # an overwrite interrupted between its two renames: finish it first
-        recover(root / aside.name[1:].rsplit(".old-", 1)[0])
-    # Temporaries (.NAME.tmp-PID) and set-aside old outputs start with '.', like the run's .work folder.
+    recover_all(root)
     rows = [adapter_row(p) for p in sorted(root.iterdir()) if not is_hidden(p) and _is_output(p)]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -37,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
     return 0
+
+
+def recover_all(root: Path) -> None:
+    """Put back adapters whose overwrite a crash interrupted (finetune.files.recover), before listing."""
+    for old in root.glob(".*.old-*"):
+        recover(root / old.name[1:].rsplit(".old-", 1)[0])
 
 
 def _is_output(folder: Path) -> bool:

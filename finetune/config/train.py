@@ -22,7 +22,6 @@ class TrainConfig(Section):
         default="auto", description="Autocast precision. auto: bf16 where the hardware supports it, else fp32."
     )
     log_every: int = Field(default=1, ge=1, description="Write a metrics line every N optimizer steps.")
-    num_workers: int = Field(default=0, ge=0, le=256, description="DataLoader worker processes.")
 
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute."

@@ -258,7 +258,7 @@ RULES: tuple[Rule, ...] = (
     Rule("task", SERVERS, _task, "serve classification adapters with transformers + peft, not {target}"),
     Rule("rank-limit", ("vllm", "tgi"), _rank_limit,
          "retrain with a smaller lora.r, or (vLLM) serve with --max-lora-rank set to an allowed value >= r "
-         "(1, 8, 16, 32, 64, 128, 256, 320, 512)"),
+         f"({', '.join(map(str, VLLM_RANKS))})"),
     Rule("modules-to-save", SERVERS, _modules_to_save, "retrain with lora.modules_to_save: [] or serve the merged model (finetune merge)"),
     Rule("dora", SERVERS, _dora, "retrain with lora.use_dora: false, or serve the merged model (finetune merge)"),
     Rule("embeddings", SERVERS, _embeddings,
