@@ -240,7 +240,7 @@ def test_auth_file_parsing(tmp_path: Path) -> None:
     good.write_text("ada\n")
     with pytest.raises(FinetuneError, match=r"auth:1: expected user:password"):
         read_auth(good, None)
-    with pytest.raises(FinetuneError, match=r"--auth-file .*missing: no such file"):
+    with pytest.raises(FinetuneError, match=r"--auth-file .*missing: not found"):
         read_auth(tmp_path / "missing", None)
 
 
@@ -255,7 +255,7 @@ def test_cli_refuses_bad_requests_before_loading(tmp_path: Path, capsys: pytest.
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
     assert main(["demo", str(tmp_path), "--auth-file", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
-    assert "no such file" in err and "Traceback" not in err
+    assert "not found" in err and "Traceback" not in err
 
 
 def test_demo_app_file_is_the_packaged_app() -> None:

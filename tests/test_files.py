@@ -37,7 +37,7 @@ def test_existing_output_needs_overwrite_and_the_same_kind(tmp_path: Path) -> No
     _make(final, "adapter", "v1")
     with pytest.raises(FinetuneError, match="exists; choose another name, or set overwrite"):
         _make(final, "adapter", "v2")
-    with pytest.raises(FinetuneError, match="it is a adapter output, not a merged-model"):
+    with pytest.raises(FinetuneError, match="it is an adapter output, not a merged-model"):
         _make(final, "merged-model", "v2", overwrite=True)
     _make(final, "adapter", "v2", overwrite=True)
     assert (final / "weights.txt").read_text() == "v2"
