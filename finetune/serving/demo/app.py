@@ -22,7 +22,11 @@ CSS = """
 #adapter-summary p { font-size: var(--text-xl); overflow-wrap: anywhere; margin: 0; }
 #adapter-card ul { margin: 0; padding-left: 1.2em; }
 #adapter-card li { overflow-wrap: anywhere; }
-@media (max-width: 640px) { #accordions:has(.label-wrap.open) { flex-direction: column; } #accordions > * { width: 100%; } }
+@media (max-width: 640px) {  /* a phone: the summary smaller; the accordions stacked once one opens */
+  #adapter-summary p { font-size: var(--text-lg); }
+  #accordions:has(.label-wrap.open) { flex-direction: column; }
+  #accordions > * { width: 100%; }
+}
 .counter { font-size: var(--text-sm); color: var(--body-text-color-subdued); text-align: right; }
 .status-line { font-size: var(--text-sm); color: var(--body-text-color-subdued); min-height: 1.5em; }
 .prose.inline-warning { border-left: 4px solid #d97706; background: #fffbeb; color: #78350f; padding: 2px 12px;

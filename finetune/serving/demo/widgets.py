@@ -46,7 +46,7 @@ def system_box(page: Page, tab: str) -> Any:
     """The System prompt box, pre-filled with the recorded one (editable; cleared means no system prompt)."""
     import gradio as gr
 
-    box = gr.Textbox(**_system_box(page.first_card()), label="System prompt", lines=2, max_lines=6,
+    box = gr.Textbox(**_system_box(page.first_card()), label="System prompt", lines=2, max_lines=3,
                      elem_id=f"{tab}-system", placeholder="(none: the chat template's own default, if any, applies)")
     page.on_pick.append(([box], lambda name, card: [gr.Textbox(**_system_box(card, name))]))
     return box
