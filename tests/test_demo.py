@@ -228,6 +228,32 @@ def test_auth_is_required_and_the_login_page_shows_no_api_or_adapter_names(engin
         app.close()
 
 
+def test_mounted_on_another_server_with_the_same_page_and_login(engine: Engine) -> None:
+    """`mount` (what `finetune serve` uses for /demo): the page's options, and a login page without API or names."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from finetune.serving.demo import build_app, mount
+
+    server, blocks = FastAPI(), build_app(engine)
+    mount(server, blocks, "/demo", auth=[("ada", "s3cret")])
+    assert "gradio_api/mcp/schema" in blocks.head and ".inline-warning" in blocks.css  # the page's own head and CSS
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(server, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not uv.started and time.time() < deadline:
+            time.sleep(0.1)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/demo/", timeout=30).read().decode()
+        assert '"auth_required":true' in page  # the login page
+        assert not any(name in page for name in ("extract", "farewell", "sentiment", "/generate"))
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_auth_file_parsing(tmp_path: Path) -> None:
     from finetune.commands.demo import read_auth
     from finetune.errors import FinetuneError

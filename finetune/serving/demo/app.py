@@ -88,17 +88,36 @@ def launch(app: Any, host: str = "127.0.0.1", port: int | None = None, auth: lis
            block: bool = True) -> str:
     """Serve on `host` (loopback unless asked); returns the local URL. Never a share link, never a browser tab.
     With `block=False` it returns at once (then `app.block_thread()` waits)."""
-    extra: dict[str, Any] = {}
-    if auth:
-        from starlette.middleware import Middleware
+    extra: dict[str, Any] = {"app_kwargs": {"middleware": [_login_middleware()]}} if auth else {}
+    _, url, _ = app.launch(server_name=host, server_port=port, auth=auth, share=False, inbrowser=False,
+                           prevent_thread_lock=not block, quiet=True, **page_options(), **extra)
+    return str(url)
 
+
+def mount(server: Any, app: Any, path: str = "/demo", auth: Any = None) -> Any:
+    """Mount the page on another FastAPI app (e.g. `finetune serve`), with the same page options as `launch` and,
+    with `auth`, the login page stripped of the API description. Call before the server starts."""
+    import gradio as gr
+
+    if auth:
         from finetune.serving.demo.login import LoginPageWithoutApi
 
-        extra["app_kwargs"] = {"middleware": [Middleware(LoginPageWithoutApi)]}
-    _, url, _ = app.launch(server_name=host, server_port=port, auth=auth, share=False, inbrowser=False,
-                           prevent_thread_lock=not block, ssr_mode=False, mcp_server=False, enable_monitoring=False,
-                           quiet=True, footer_links=["api"], css=CSS, head=HEAD, **extra)
-    return str(url)
+        server.add_middleware(LoginPageWithoutApi)
+    return gr.mount_gradio_app(server, app, path=path, auth=auth, **page_options())
+
+
+def page_options() -> dict[str, Any]:
+    """How the page is served, wherever it is: our CSS and fetch guard, the API link, nothing that calls out."""
+    return {"css": CSS, "head": HEAD, "footer_links": ["api"], "ssr_mode": False, "mcp_server": False,
+            "enable_monitoring": False}
+
+
+def _login_middleware() -> Any:
+    from starlette.middleware import Middleware
+
+    from finetune.serving.demo.login import LoginPageWithoutApi
+
+    return Middleware(LoginPageWithoutApi)
 
 
 def _settings(engine: Engine, card: AdapterCard) -> list[Any]:
