@@ -64,6 +64,7 @@ class BatchStats:
     served: int
     generated_tokens: int
     steps: int
+    alive: bool = True  # the model thread is running
 
 
 class Batcher:
@@ -108,7 +109,7 @@ class Batcher:
     def stats(self) -> BatchStats:
         with self._cond:
             return BatchStats(len(self.rows), len(self.waiting), self.options.max_batch, self.options.max_queue,
-                              self.served, self.generated, self.steps)
+                              self.served, self.generated, self.steps, self._thread.is_alive())
 
     def close(self) -> None:
         with self._cond:
