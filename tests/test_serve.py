@@ -305,6 +305,26 @@ def test_greedy_and_seeded_outputs_are_the_same_alone_or_batched(engine: Engine)
     assert together == alone and max(probe.rows) >= 4
 
 
+def test_dora_and_other_ranks_batch_with_plain_adapters_and_equal_plain_peft(
+        adapters: dict[str, Path], tiny_lm: Path, train_tiny, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """DoRA (which peft cannot mix in a batch) and a rank-8 adapter next to a rank-4 one, alone and together."""
+    tmp = tmp_path_factory.mktemp("serve_variants")
+    folders = [adapters["greeter"], train_tiny(tmp, tiny_lm, farewell_rows(), "wide", lora={"r": 8, "alpha": 16}),
+               train_tiny(tmp, tiny_lm, farewell_rows(), "dora", lora={"use_dora": True})]
+    mixed = load_engine(folders, limits=LIMITS)
+    try:
+        names = [f.name for f in folders]
+        expected = [reference(f, [{"role": "user", "content": "name: kim"}], 12) for f in folders]
+        alone = [mixed.submit(n, "name: kim", GREEDY).result().text for n in names]
+        with Probe(mixed, delay=0.02) as probe:
+            streams = [mixed.submit(n, "name: kim", GREEDY) for n in [*names, BASE]]
+            together = [s.result().text for s in streams]
+        assert alone == expected and together[:3] == expected and max(probe.rows) >= 3
+        assert len(set(expected)) == 3
+    finally:
+        mixed.close()
+
+
 def test_stream_events_carry_text_tokens_and_finish_reason(engine: Engine) -> None:
     chunks = list(engine.submit("greeter", "name: alice", GenerationParams(max_new_tokens=3, temperature=0.0)))
     assert chunks[-1].finish_reason in ("stop", "length") and all(c.finish_reason is None for c in chunks[:-1])
@@ -359,3 +379,67 @@ def test_cli_refuses_an_open_host_without_a_key_and_bad_key_files(tmp_path: Path
     err = capsys.readouterr().err
     assert "shorter than 16" in err and "short\n" not in err
     assert main(["serve", "--max-batch", "0", "--base", str(tmp_path)]) == 1
+
+
+# -- the acceptance run on the real quickstart adapter (slow: `pytest -m slow tests/test_serve.py`) ---------------
+
+
+@pytest.mark.slow
+def test_quickstart_served_through_openai_scores_what_eval_scores(tmp_path: Path) -> None:
+    """`finetune serve adapters/quickstart` + the openai client on the held-out rows (greedy) gives the same
+    json_exact_match as `finetune eval` on those rows. The client sends only the user message: the server adds
+    the system prompt recorded at training time."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from openai import OpenAI
+
+    from finetune.evaluation.scoring import generation_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(os.environ.get("QUICKSTART_ADAPTER", root / "adapters" / "quickstart"))
+    if not (folder / "adapter_config.json").is_file():
+        pytest.skip(f"no quickstart adapter at {folder}: run `bash scripts/quickstart.sh` (or set QUICKSTART_ADAPTER)")
+    test_file = root / "data" / "quickstart" / "test.jsonl"
+    rows = [json.loads(line) for line in test_file.read_text().splitlines()]
+    finetune = [sys.executable, "-m", "finetune"]
+    subprocess.run([*finetune, "eval", str(folder), "--data", str(test_file), "--out", str(tmp_path / "eval")],
+                   check=True, timeout=3600)
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([*finetune, "serve", str(folder), "--port", str(port), "--no-demo"], stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+
+        def ask(row: dict) -> str:
+            user = [m for m in row["messages"] if m["role"] == "user"]
+            answer = client.chat.completions.create(model=folder.name, messages=user, temperature=0,
+                                                    max_tokens=report["decoding"]["max_new_tokens"])
+            return str(answer.choices[0].message.content).strip()
+
+        with ThreadPoolExecutor(8) as pool:
+            predictions = list(pool.map(ask, rows))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    references = [row["messages"][-1]["content"] for row in rows]
+    served = generation_metrics(predictions, references, json_match=True)["json_exact_match"]
+    evaluated = report["metrics"]["json_exact_match"]["adapter"]
+    print(f"json_exact_match: served {served:.4f}, finetune eval {evaluated:.4f} on {len(rows)} rows")
+    assert served == pytest.approx(evaluated, abs=1e-9)

@@ -259,6 +259,7 @@ class Engine:
             top_p=min(1.0, max(0.01, float(params.top_p))),
             seed=int(params.seed),
             stop=tuple(str(s) for s in params.stop),
+            ignore_eos=bool(params.ignore_eos),
         )
 
 

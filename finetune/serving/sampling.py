@@ -18,7 +18,8 @@ class RowDecoder:
     """One request's output: token choice, stop ids, stop strings and the text emitted so far."""
 
     def __init__(self, tok: Any, params: GenerationParams, stop_ids: list[int]):
-        self.tok, self.params, self.stop_ids = tok, params, set(stop_ids)
+        self.tok, self.params = tok, params
+        self.stop_ids = set() if params.ignore_eos else set(stop_ids)
         self.stops = tuple(s for s in params.stop if s)
         self.ids: list[int] = []
         self.tokens = 0

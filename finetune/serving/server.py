@@ -246,7 +246,7 @@ class _Api:
             raise ApiError(400, f"max_tokens={wanted} is above this server's limit of {limit} (--max-new-tokens)",
                            param="max_tokens")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        params = GenerationParams(wanted or limit, body.temperature, body.top_p, seed, body.stops())
+        params = GenerationParams(wanted or limit, body.temperature, body.top_p, seed, body.stops(), body.ignore_eos)
         try:
             return self.engine.submit(name, prompt, params, loop=asyncio.get_running_loop())
         except UnknownModel as exc:

@@ -35,6 +35,7 @@ class GenerationParams:
     top_p: float = 0.95
     seed: int = 0  # sampling is reproducible for a seed, alone or in any batch
     stop: tuple[str, ...] = ()  # the text ends before the first of these strings (finish reason "stop")
+    ignore_eos: bool = False  # keep going past the end-of-turn token (benchmarks: a fixed number of tokens)
 
 
 @dataclass(frozen=True)
