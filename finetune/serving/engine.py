@@ -153,7 +153,7 @@ class Engine:
         base = replace(entry, peft_name=None, slot=BASE_SLOT)
         ids = self._render(entry, prompt, system_prompt)  # rendered the adapter's way for both: only weights differ
         wake: queue.SimpleQueue[Stream] = queue.SimpleQueue()
-        streams = self._submit([base, entry], ids, params, cancel or threading.Event(), None, wake)
+        streams = self._submit([base, entry], ids, params, cancel, None, wake)
         latest = [streams[0].last, streams[1].last]
         try:
             while not all(s.done for s in streams):
@@ -182,10 +182,11 @@ class Engine:
             raise InputError(f"'{name}' generates text: pick a classification adapter to classify.")
         if not texts:
             raise InputError("Type a text first: the input is empty.")
-        for text in texts:
-            self._check_length(text, lambda t=text: list(entry.tok(t)["input_ids"]))
-        batch = entry.tok(texts, return_tensors="pt", padding=True)
+        # under the lock: padding changes the tokenizer's state, which another thread must not see half-way
         with entry.lock, torch.inference_mode():
+            for text in texts:
+                self._check_length(text, lambda t=text: list(entry.tok(t)["input_ids"]))
+            batch = entry.tok(texts, return_tensors="pt", padding=True)
             if entry.peft_name is not None:
                 entry.model.set_adapter(entry.peft_name)  # peft's active adapter is global state: under the lock
             logits = entry.model(**batch).logits.float()
@@ -247,7 +248,7 @@ class Engine:
         assert batcher is not None
         requests = []
         for entry in entries:
-            stream = Stream(batcher.new_id(), len(ids), cancel or threading.Event(), loop, wake)
+            stream = Stream(batcher.new_id(), len(ids), cancel, loop, wake)
             requests.append(Request(entry.slot, ids, RowDecoder(entry.tok, params, entry.stop_ids), stream))
         batcher.submit(requests)
         return [r.stream for r in requests]

@@ -63,7 +63,7 @@ def create_app(engine: Engine, api_keys: Sequence[str] = (), demo: Callable[[Eng
     app = FastAPI(title="finetune serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(HTTPException, api.http_error)
     for path, method, handler, auth in (
-            ("/", "GET", api.index, False), ("/health", "GET", api.health, False),
+            ("/", "GET", api.index, True), ("/health", "GET", api.health, False),
             ("/v1/models", "GET", api.models, True), ("/v1/chat/completions", "POST", api.chat, True),
             ("/v1/completions", "POST", api.completions, True), ("/v1/classify", "POST", api.classify, True)):
         app.router.add_route(path, api.guarded(handler, auth), methods=[method])

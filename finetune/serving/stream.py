@@ -54,9 +54,11 @@ class Stream:
     event loop) to get Chunks until the one with a finish_reason. `cancel()` (or `close()`) stops the request at its
     next token; a request that failed raises its error from the iterator."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, cancel: threading.Event,
+    def __init__(self, request_id: str, prompt_tokens: int, cancel: threading.Event | None = None,
                  loop: asyncio.AbstractEventLoop | None = None, wake: queue.SimpleQueue[Stream] | None = None):
-        self.id, self.prompt_tokens, self._cancel = request_id, prompt_tokens, cancel
+        # `cancel` is the caller's event (it may serve several requests); closing this stream sets only its own
+        self.id, self.prompt_tokens, self._watch = request_id, prompt_tokens, cancel
+        self._cancel = threading.Event()
         self._loop, self._wake = loop, wake
         self._sync: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
@@ -120,4 +122,4 @@ class Stream:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or (self._watch is not None and self._watch.is_set())
