@@ -314,7 +314,8 @@ def report(single: dict[str, list[dict[str, float]]], conc: dict[str, Any], load
     if errors:
         lines += ["", "Errors seen: " + "; ".join(errors)]
     data = {"single": summary, "single_raw": single, "concurrent": conc, "loads": loads, "rss_mb": rss,
-            "health": health, "ratios": ratios, "args": {k: v for k, v in vars(args).items() if k != "prompt_list"}}
+            "health": health, "ratios": ratios,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "prompt_list"}}
     return "\n".join(lines) + "\n", data
 
 

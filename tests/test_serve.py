@@ -194,6 +194,21 @@ def test_a_closed_stream_stops_generation(url: str, engine: Engine, slow_no_eos)
     assert stats is not None and (stats.running, stats.waiting) == (0, 0)
 
 
+def test_a_client_that_hangs_up_on_a_plain_request_frees_its_row(url: str, engine: Engine, slow_no_eos) -> None:
+    import httpx
+
+    body = {"model": "base", "prompt": "name: ivan", "max_tokens": 40, "temperature": 1.0}
+    with slow_no_eos(engine, delay=0.05) as probe:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        time.sleep(0.5)  # the server notices the closed connection and cancels at the next step
+        calls = probe.calls
+        time.sleep(1.0)
+        assert probe.calls <= calls + 1 < 40
+    stats = engine.stats()
+    assert stats is not None and (stats.running, stats.waiting) == (0, 0)
+
+
 def test_bad_requests_get_openai_error_objects(url: str, client: Any) -> None:
     import httpx
     import openai
@@ -284,15 +299,23 @@ def test_a_full_queue_answers_429(adapters: dict[str, Path], slow_no_eos) -> Non
     try:
         with slow_no_eos(small, delay=0.05), running(create_app(small)) as base:
             results: list[int] = []
-            threads = [threading.Thread(target=lambda: results.append(
-                httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code)) for _ in range(4)]
+            retry: list[str | None] = []
+
+            def one() -> None:
+                response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+                results.append(response.status_code)
+                if response.status_code == 429:
+                    retry.append(response.headers.get("retry-after"))
+                    assert response.json()["error"]["code"] == "queue_full"
+
+            threads = [threading.Thread(target=one) for _ in range(4)]
             for t in threads:
                 t.start()
                 time.sleep(0.2)
             for t in threads:
                 t.join()
             refused = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-        assert sorted(results) == [200, 200, 429, 429]
+        assert sorted(results) == [200, 200, 429, 429] and retry == ["1", "1"]
         assert refused.status_code == 200  # the queue drained: served again
     finally:
         small.close()

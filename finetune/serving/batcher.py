@@ -189,8 +189,8 @@ class Batcher:
         self.cache.plan_prefill(first, n, width)
         keep = torch.tensor(lengths).unsqueeze(1) - 1  # each row's last prompt position
         slots = [r.slot for r in requests]
-        logits = self._forward(ids, positions, self._prefill_mask(lengths, width), slots,
-                               {row.request.slot for row in self.rows} | set(slots), keep)
+        mask = self._prefill_mask(lengths, width) if len(set(lengths)) > 1 else None
+        logits = self._forward(ids, positions, mask, slots, {row.request.slot for row in self.rows} | set(slots), keep)
         self.rows += [_Row(r, length, 0) for r, length in zip(requests, lengths, strict=True)]
         self._advance(self.rows[first:], logits[:, -1])
 
@@ -202,17 +202,19 @@ class Batcher:
         ids = torch.tensor([[row.next_token] for row in self.rows])
         self.cache.plan_decode(lengths.to(self.device), width)
         slots = [row.request.slot for row in self.rows]
-        logits = self._forward(ids, lengths.unsqueeze(1), self._decode_mask(lengths, width), slots, set(slots), None)
+        mask = self._decode_mask(lengths, width) if int(lengths.min()) + 1 < width else None
+        logits = self._forward(ids, lengths.unsqueeze(1), mask, slots, set(slots), None)
         for row in self.rows:
             row.length += 1
         self._advance(self.rows, logits[:, -1])
         self.steps += 1
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: list[int],
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, slots: list[int],
                  engine_slots: set[int], keep: torch.Tensor | None) -> torch.Tensor:
         device = self.device
         kwargs: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": positions.to(device),
-                                  "attention_mask": mask.to(device), "past_key_values": self.cache, "use_cache": True}
+                                  "attention_mask": None if mask is None else mask.to(device),
+                                  "past_key_values": self.cache, "use_cache": True}
         if keep is not None:
             kwargs["logits_to_keep"] = keep.to(device)
         if self.row_lora is None:

@@ -3,7 +3,8 @@
 Row i's tokens sit in columns [0, len_i) of its slot, so a column index is always the token's position: a new row
 is prefilled straight into a free slot and an old one keeps its columns untouched, and nothing is ever shifted when
 rows join or leave. Each decode step writes row i's new key/value at column len_i; the batcher passes a 4D mask
-that hides each row's unused columns (transformers returns a 4D mask as given). Buffers grow by doubling and are
+that hides each row's unused columns (transformers returns a 4D mask as given), or no mask when every row has the
+same length, so that transformers takes its own (faster, causal) attention path as a plain `generate` does. Buffers grow by doubling and are
 dropped when the batch empties, so memory follows the load.
 """
 
@@ -60,6 +61,10 @@ def row_cache(n_layers: int, max_rows: int) -> Any:
 
         def get_seq_length(self, layer_idx: int = 0) -> int:
             return self._seen
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+            """For transformers' own causal mask, used when no row needs padding (all rows of one length)."""
+            return self._seen + query_length, 0
 
         def move_row(self, src: int, dst: int, length: int) -> None:
             """Copy row `src`'s first `length` columns into slot `dst` (compacting after a row left)."""
