@@ -71,7 +71,7 @@ def test_dry_run_writes_the_exact_folder_and_it_reloads_with_peft(adapter: Path,
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == EXPECTED
-    assert "would upload 9 files" in printed and "checkpoint-2/" in printed and "tiny-lora-f32.gguf" in printed
+    assert "would upload 10 files" in printed and "checkpoint-2/" in printed and "tiny-lora-f32.gguf" in printed
     assert "eval.json" in printed.split("left out")[1]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-base"
 
@@ -151,5 +151,6 @@ def test_a_token_inside_the_adapter_folder_blocks_the_upload(adapter: Path, tmp_
 
     run = json.loads((adapter / "run.json").read_text())
     (adapter / "run.json").write_text(json.dumps({**run, "note": f"token={'hf_' + 'L3ak' * 9}"}))
-    with pytest.raises(FinetuneError, match="run.json contains what looks like a Hugging Face token"):
+    with pytest.raises(FinetuneError, match="run.json contains a value shaped like a credential"):
         publish(PublishRequest(adapter, "me/x", dry_run=True, out=tmp_path / "hub"))
+    assert not (tmp_path / "hub").exists()  # a refused publish leaves nothing staged
