@@ -408,6 +408,9 @@ def test_cli_refuses_an_open_host_without_a_key_and_bad_key_files(tmp_path: Path
     err = capsys.readouterr().err
     assert "shorter than 16" in err and "short\n" not in err
     assert main(["serve", "--max-batch", "0", "--base", str(tmp_path)]) == 1
+    assert "--max-batch must be between 1 and 256, got 0" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000", "--base", str(tmp_path)]) == 1
+    assert "--port must be between 1 and 65,535" in capsys.readouterr().err
 
 
 # -- the acceptance run on the real quickstart adapter (slow: `pytest -m slow tests/test_serve.py`) ---------------

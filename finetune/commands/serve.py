@@ -113,7 +113,13 @@ def _demo_builder(args: argparse.Namespace) -> Any:
     return lambda engine: module.build_app(engine, concurrency_limit=args.max_batch, queue_size=args.max_queue)
 
 
+# Upper bounds that keep one setting from holding the machine: far above any real use (as `finetune demo` has them).
+UPPER = {"max_prompt_tokens": 1_048_576, "max_new_tokens": 1_048_576, "max_batch": 256, "max_queue": 100_000,
+         "port": 65_535}
+
+
 def _check_limits(args: argparse.Namespace) -> None:
-    for flag in ("max_prompt_tokens", "max_new_tokens", "max_batch", "max_queue", "port"):
-        if getattr(args, flag) < 1:
-            raise FinetuneError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, upper in UPPER.items():
+        value = getattr(args, flag)
+        if not 1 <= value <= upper:
+            raise FinetuneError(f"--{flag.replace('_', '-')} must be between 1 and {upper:,}, got {value}")
