@@ -18,8 +18,8 @@ N new tokens (`ignore_eos`, or min_new_tokens for the baselines) so every side d
    for the server); decode tokens/s: (tokens - 1) / (last token - first token).
 2. 8 concurrent streaming clients over adapter A, adapter B and the base: aggregate tokens/s (all completion
    tokens / wall time), p50/p95 TTFT and latency, errors; ratio to the single-stream server figure.
-3. 32 clients through the `openai` client (non-streamed), twice: errors, /health after, the server's RSS before
-   and after each round (memory flat = the second round adds nothing).
+3. 32 clients through the `openai` client (non-streamed), three rounds: errors, /health after, the server's RSS
+   before and after each round (memory flat: after the first round, a round adds nothing that stays).
 Prints the table and ratios, and writes them as Markdown (--out) and JSON (--json).
 """
 
@@ -301,12 +301,14 @@ def report(single: dict[str, list[dict[str, float]]], conc: dict[str, Any], load
               f"| {conc['clients']} | {conc['errors']} | {conc['aggregate_tps']:.1f} | {conc['ttft_p50_ms']:.0f} / "
               f"{conc['ttft_p95_ms']:.0f} | {conc['latency_p50_ms']:.0f} / {conc['latency_p95_ms']:.0f} | "
               f"{conc['wall_s']:.1f} |", "",
-              f"{loads[0]['clients']} clients through the openai client, twice (server --max-batch 8 --max-queue 64):", "",
+              f"{loads[0]['clients']} clients through the openai client, {len(loads)} rounds (server --max-batch 8 "
+              "--max-queue 64):", "",
               "| round | errors | aggregate tokens/s | latency p50 / p95 ms | server RSS after, MB |",
               "|---:|---:|---:|---:|---:|"]
     lines += [f"| {i + 1} | {ld['errors']} | {ld['aggregate_tps']:.1f} | {ld['latency_p50_ms']:.0f} / "
               f"{ld['latency_p95_ms']:.0f} | {rss[i + 1]:.0f} |" for i, ld in enumerate(loads)]
-    lines += ["", f"Server RSS before the rounds {rss[0]:.0f} MB; growth in round 2: {rss[2] - rss[1]:+.0f} MB; "
+    lines += ["", f"Server RSS before the rounds {rss[0]:.0f} MB; after round 1 {rss[1]:.0f} MB, after the last "
+              f"{rss[-1]:.0f} MB ({rss[-1] - rss[1]:+.0f} MB over rounds 2-{len(loads)}); "
               f"/health after: {health.get('status')} (running {health.get('running')}, waiting {health.get('waiting')}).",
               "", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
@@ -326,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=6, help="prompts in the single-stream comparison")
     parser.add_argument("--clients", type=int, default=32, help="clients in the bounded-load rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="bounded-load rounds (RSS after each)")
     parser.add_argument("--quick", action="store_true", help="8 tokens, 2 prompts, 8 load clients: does it all run?")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.new_tokens, args.prompts, args.clients = 8, 2, 8
+        args.new_tokens, args.prompts, args.clients, args.rounds = 8, 2, 8, 2
     args.prompt_list = PROMPTS[: args.prompts]
     import httpx
     import torch
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         conc = concurrent(client, [mix[i % 3] for i in range(8)], n, streamed=True)
         rss = [rss_mb(server.pid)]
         loads = []
-        for _ in range(2):
+        for _ in range(args.rounds):
             loads.append(concurrent(client, [mix[i % 3] for i in range(args.clients)], n, streamed=False))
             rss.append(rss_mb(server.pid))
         health = httpx.get(f"{url}/health", timeout=10).json()
