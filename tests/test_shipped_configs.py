@@ -11,7 +11,8 @@ from finetune.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = sorted((ROOT / "configs").rglob("*.yaml"))
-JOBS = [p for p in ALL if "accelerate" not in p.parts]
+HARNESS = [p for p in ALL if "harness" in p.parts]  # lm-evaluation-harness task files (tests/test_harness.py runs them)
+JOBS = [p for p in ALL if "accelerate" not in p.parts and "harness" not in p.parts]
 ACCELERATE = [p for p in ALL if "accelerate" in p.parts]
 
 

@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 
 METRICS_DIR = Path(__file__).parent
 GENERATION = ("exact_match", "token_f1", "rouge_l", "chrf")
-CLASSIFICATION = ("accuracy", "macro_f1", "confusion_matrix")
+CLASSIFICATION = ("accuracy", "macro_f1", "per_class", "confusion_matrix")
 
 
 def available() -> list[str]:

@@ -18,12 +18,13 @@ class ParamReport:
     wrapped: int  # number of linear layers carrying LoRA
     formula: int  # sum of r*(d+k) over wrapped d x k weights
 
-    def describe(self, r: int) -> str:
+    def describe(self, r: int | None) -> str:
+        """The training log line; r=None is full fine-tuning (lora.enabled: false)."""
         share = 100 * self.trainable / max(self.total, 1)
-        return (
-            f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; "
-            f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
-        )
+        trainable = f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
+        if r is None:
+            return f"full fine-tuning (no LoRA): {trainable}"
+        return f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; {trainable}"
 
 
 def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm") -> nn.Module:
