@@ -172,10 +172,12 @@ def evaluation(info: AdapterInfo, report: dict[str, Any], where: str) -> str:
                 "`--harness TASKS` for lm-evaluation-harness tasks) and fills in this section.")
     parts = ["## Evaluation", "", f"Base model vs this {info.kind} (`finetune eval`, {str(report.get('created', ''))[:10]})."]
     data, metrics = report.get("data"), {k: m for k, m in (report.get("metrics") or {}).items() if isinstance(m, dict) and number(m.get("adapter"))}
-    if isinstance(data, dict) and metrics:
-        names = ", ".join(f"`{Path(p.strip()).name}`" for p in str(data.get("path", "")).split(","))
-        parts += ["", f"On {names}: {data.get('evaluated')} of {data.get('rows_total')} rows (fingerprint `{data.get('fingerprint')}`).",
-                  "", f"| metric | base | {side} | delta |", "|---|---:|---:|---:|"]
+    if metrics:
+        if isinstance(data, dict):
+            names = ", ".join(f"`{Path(p.strip()).name}`" for p in str(data.get("path", "")).split(","))
+            parts += ["", f"On {names}: {data.get('evaluated')} of {data.get('rows_total')} rows (fingerprint "
+                      f"`{data.get('fingerprint')}`)."]
+        parts += ["", f"| metric | base | {side} | delta |", "|---|---:|---:|---:|"]
         parts += [f"| {k} | {fmt(m.get('base'))} | {fmt(m['adapter'])} | {fmt(m.get('delta'))} |" for k, m in metrics.items()]
     harness = report.get("harness")
     if isinstance(harness, dict) and harness.get("results"):

@@ -191,8 +191,9 @@ def model_index_results(info: AdapterInfo) -> list[dict[str, Any]]:
     report, task_type = eval_report(info), PIPELINE_TAGS.get(info.task, "text-generation")
     out = []
     evals, data = eval_metrics(info), report.get("data")
-    if evals and isinstance(data, dict):
-        name = ", ".join(Path(p.strip()).name for p in str(data.get("path", "")).split(","))
+    if evals:
+        data = data if isinstance(data, dict) else {}
+        name = ", ".join(Path(p.strip()).name for p in str(data.get("path") or "eval data").split(","))
         out.append({"task": {"type": task_type}, "dataset": {"name": name, "type": name},
                     "metrics": [{"name": k, "type": k, "value": m["adapter"]} for k, m in evals.items()]})
     configs = (report.get("harness") or {}).get("tasks", {})
