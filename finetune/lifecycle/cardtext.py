@@ -36,6 +36,9 @@ def _num(v: Any) -> str:
 
 
 def _what(info: AdapterInfo) -> str:
+    if not info.run:
+        task = "text classification" if info.task == "classification" else "text generation"
+        return f"{task}; trained outside finetune (no run.json), so only adapter_config.json describes it"
     data = info.run.get("data") or {}
     examples = data.get("train_examples") or data.get("examples")
     files = _train_files(info)
