@@ -69,7 +69,8 @@ def cli(setup: dict) -> dict:
             assert main(["eval", str(folder), "--harness", ",".join(map(str, setup["tasks"])), "--limit", str(LIMIT)]) == 0
     finally:
         os.chdir(cwd)
-    return {"report": json.loads((folder / "eval.json").read_text()), "printed": buf.getvalue(), "folder": folder}
+    return {"report": json.loads((folder / "eval.json").read_text()), "printed": buf.getvalue(), "folder": folder,
+            "tasks": setup["tasks"]}
 
 
 def test_both_sides_ran_with_identical_recorded_settings(cli: dict) -> None:
@@ -83,6 +84,7 @@ def test_both_sides_ran_with_identical_recorded_settings(cli: dict) -> None:
     assert (base["apply_chat_template"], base["system_instruction"], base["fewshot_as_multiturn"]) == (True, SYSTEM, True)
     assert base["chat_template_sha256"]
     assert set(h["results"]) == {"tiny_gen", "tiny_choice", "tiny_ppl"}
+    assert h["tasks"]["tiny_gen"] == str(cli["tasks"][0].resolve())  # where each task came from
     assert set(h["results"]["tiny_ppl"]) == {"word_perplexity", "bits_per_byte"}
     ppl = h["results"]["tiny_ppl"]["word_perplexity"]
     # A continuous score: the two sides really are different models (the adapter moved it; its sign is no concern).
@@ -118,7 +120,9 @@ def test_outputs_and_card_carry_the_harness_results(cli: dict) -> None:
     assert (folder / "eval.png").read_bytes()[:4] == b"\x89PNG"
     card = (folder / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
-    indexed = {m["name"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    results = meta["model-index"][0]["results"]
+    assert {r["dataset"]["type"] for r in results} == {"local:tiny_gen", "local:tiny_choice", "local:tiny_ppl"}
+    indexed = {m["name"]: m["value"] for r in results for m in r["metrics"]}
     for task, metrics in report["harness"]["results"].items():
         for metric, m in metrics.items():
             assert indexed[f"{task} {metric}"] == m["adapter"]

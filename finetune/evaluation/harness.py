@@ -92,7 +92,9 @@ class TaskSet:
         return list(loaded["tasks"].values()) + list(loaded["groups"].values())
 
     def sources(self) -> dict[str, str]:
-        return {n: ("registry" if isinstance(s, str) else str(Path(n).resolve())) for n, s in zip(self.names, self.specs, strict=True)}
+        """Task (or registry name) -> "registry" or the task file it came from."""
+        return {(s if isinstance(s, str) else str(s["task"])): ("registry" if isinstance(s, str) else str(Path(n).resolve()))
+                for n, s in zip(self.names, self.specs, strict=True)}
 
 
 def _spec(name: str) -> str | dict[str, Any]:
