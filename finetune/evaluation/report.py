@@ -40,7 +40,7 @@ def terminal_table(report: dict[str, Any]) -> str:
     if data is not None:
         rows = [(n, _fmt(m["base"]), _fmt(m["adapter"]), _fmt(m["delta"], signed=True), verdict(m)) for n, m in scalar_metrics(report)]
         out.append(f"{name} vs base on {data['evaluated']} examples of {Path(data['path']).name}\n"
-                   + _table(("metric", "base", "adapter", "delta", ""), rows))
+                   + _table(("metric", "base", _side(report), "delta", ""), rows))
     if "harness" in report:
         h = report["harness"]
         rows = [(f"{task} {metric}", _pm(m["base"], m["base_stderr"]), _pm(m["adapter"], m["adapter_stderr"]),
@@ -48,6 +48,11 @@ def terminal_table(report: dict[str, Any]) -> str:
         out.append(f"{name} vs base on lm-evaluation-harness ({_harness_settings(h)})\n"
                    + _table(("task metric", "base", "adapter", "delta", ""), rows))
     return "\n\n".join(out)
+
+
+def _side(report: dict[str, Any]) -> str:
+    """The fine-tuned side's column name: an adapter, or a whole model from full fine-tuning."""
+    return "fine-tuned" if report.get("kind") == "fully fine-tuned model" else "adapter"
 
 
 def _table(head: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> str:
@@ -121,7 +126,7 @@ def _header(report: dict[str, Any]) -> str:
 
 
 def _metrics_md(report: dict[str, Any]) -> str:
-    lines = ["## Metrics", "", "| metric | base | adapter | delta | |", "|---|---:|---:|---:|---|"]
+    lines = ["## Metrics", "", f"| metric | base | {_side(report)} | delta | |", "|---|---:|---:|---:|---|"]
     for name, m in scalar_metrics(report):
         arrow = "lower is better" if m["better"] == "lower" else "higher is better"
         lines.append(f"| {name} ({arrow}) | {_fmt(m['base'])} | {_fmt(m['adapter'])} | {_fmt(m['delta'], True)} | {verdict(m)} |")
