@@ -78,6 +78,7 @@ def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: 
         "labels": bundle.labels,
         "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped},
         "metrics": result.metrics(),
+        "resumed_from": result.resumed_from,
         "timings": {**timings, "train_s": round(result.seconds, 2), "peak_memory_mb": round(result.peak_memory_mb, 1)},
     }
 

@@ -85,4 +85,4 @@ def test_adapter_only_commands_refuse_it_clearly(classifier: Path, tmp_path: Pat
     assert "no adapter to merge" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="not a LoRA adapter"):
         export_lora_gguf(classifier)
-    assert json.loads((classifier / "run.json").read_text())["base_model_ref"]
+    assert json.loads((classifier / "run.json").read_text())["base_model"] == read_adapter(classifier).base

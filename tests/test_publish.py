@@ -153,5 +153,6 @@ def test_a_token_inside_the_adapter_folder_blocks_the_upload(adapter: Path, tmp_
 
     run = json.loads((adapter / "run.json").read_text())
     (adapter / "run.json").write_text(json.dumps({**run, "note": f"token={'hf_' + 'L3ak' * 9}"}))
-    with pytest.raises(FinetuneError, match="run.json contains what looks like a Hugging Face token"):
+    with pytest.raises(FinetuneError, match="run.json contains a value shaped like a credential"):
         publish(PublishRequest(adapter, "me/x", dry_run=True, out=tmp_path / "hub"))
+    assert not (tmp_path / "hub").exists()  # a refused publish leaves nothing staged

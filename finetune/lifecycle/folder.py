@@ -16,9 +16,10 @@ from typing import Any
 from finetune.config import JobConfig, load_config
 from finetune.config.model import ModelConfig
 from finetune.data.prompt_record import PROMPT_FILE, PromptRecord, describe_prompts
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, ModelError
 from finetune.files import recover
 from finetune.lifecycle.fit import check_adapter_fits
+from finetune.lifecycle.weights import check_weights_file
 from finetune.model import Source, check_pair, load_base_model, resolve_source, set_pad_token
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -93,9 +94,10 @@ def read_adapter(folder: str | Path) -> AdapterInfo:
         if missing:
             raise FinetuneError(f"{folder}: not an adapter folder, missing {', '.join(missing)}; nor a model saved by "
                                 "full fine-tuning (config.json, model.safetensors and finetune's run.json)")
-        info = AdapterInfo(folder.resolve(), json.loads((folder / "adapter_config.json").read_text()))
+        check_weights_file(folder / "adapter_model.safetensors")  # a truncated copy fails here, named, not in torch
+        info = AdapterInfo(folder.resolve(), _json_object(folder / "adapter_config.json"))
     if (folder / "run.json").is_file():
-        info.run = json.loads((folder / "run.json").read_text())
+        info.run = _json_object(folder / "run.json")
     if (folder / "finetune.yaml").is_file():
         info.job = load_config(folder / "finetune.yaml", check_files=False)  # data files need not exist any more
     return info
@@ -114,16 +116,39 @@ def require_adapter(info: AdapterInfo, what: str) -> None:
                             f"{what}. Load the folder directly with from_pretrained.")
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"{path}: not readable as JSON ({exc}); restore the file from the original adapter "
+                            "folder") from None
+    if not isinstance(value, dict):
+        raise FinetuneError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def base_source(info: AdapterInfo, base: str | None = None) -> tuple[Source, Any]:
-    """The base checkpoint the adapter was trained on (or `base`, e.g. a local copy), with its model config."""
-    model_cfg = _model_config(info, base)
-    return resolve_source(model_cfg), model_cfg
-
-
-def _model_config(info: AdapterInfo, base: str | None) -> ModelConfig:
-    if info.job is None:
-        return ModelConfig(name_or_path=base or info.base)
-    return info.job.model.model_copy(update={"name_or_path": base, "gguf_file": None} if base else {})
+    """The base model of an adapter, by one rule for every command: `base` (--base) when given, else
+    adapter_config.json's base_model_name_or_path (and revision), the same field `finetune check` reads and peft
+    loads. finetune.yaml only says *how* to load it (dtype, attention kernel, trust_remote_code); the one
+    exception is a GGUF base whose cached import was deleted: it is imported again from finetune.yaml's gguf_file."""
+    ref = base or info.base
+    if not ref:
+        raise FinetuneError(f"{info.folder}/adapter_config.json records no base_model_name_or_path; pass --base "
+                            "with the base model (a folder or a hub id)")
+    settings = info.job.model if info.job is not None else ModelConfig(name_or_path=ref)
+    revision = None if base else info.adapter_config.get("revision")
+    model_cfg = settings.model_copy(update={"name_or_path": ref, "gguf_file": None, "revision": revision})
+    if not base and settings.gguf_file and not Path(ref).is_dir():
+        model_cfg = settings  # the cached import is gone; its source file may still be here
+    try:
+        return resolve_source(model_cfg), model_cfg
+    except ModelError as exc:
+        where = "--base" if base else f"base_model_name_or_path in {info.folder / 'adapter_config.json'}"
+        raise ModelError(f"the base model of the adapter {info.folder.name} cannot be found ({where}: {ref}): "
+                         f"{str(exc).removeprefix('model.name_or_path: ')}\n  Pass --base with the base model (a "
+                         "local copy or a hub id in the local cache), or edit base_model_name_or_path in "
+                         "adapter_config.json.") from None
 
 
 def load_adapter(folder: str | Path, base: str | None = None, quantized: bool = False) -> tuple[Any, Any, AdapterInfo]:
@@ -164,7 +189,8 @@ def _tokenizer(info: AdapterInfo) -> Any:
 
 def _load_full(info: AdapterInfo, tok: Any) -> Any:
     folder = str(info.folder)  # the whole model; the job's model settings (dtype, attention) still apply
-    model_cfg = _model_config(info, folder).model_copy(update={"revision": None})
+    settings = info.job.model if info.job is not None else ModelConfig(name_or_path=folder)
+    model_cfg = settings.model_copy(update={"name_or_path": folder, "gguf_file": None, "revision": None})
     model = load_base_model(Source(folder, folder), model_cfg, info.task, "none", info.run.get("labels"))
     check_pair(model, tok, Source(folder, folder), info.task)
     return model.eval()

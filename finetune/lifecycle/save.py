@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config import JobConfig, dump_config
+from finetune.config.paths import absolute_paths
 from finetune.data.prompt_record import PROMPT_FILE, PromptRecord
 from finetune.errors import VerificationError
 from finetune.files import atomic_dir, check_replaceable, write_json
@@ -87,8 +88,9 @@ def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, re
 
 def _write_common(tmp: Path, tokenizer: Any, req: SaveRequest) -> None:
     tokenizer.save_pretrained(tmp)
-    (tmp / "finetune.yaml").write_text(dump_config(req.cfg, comments=False))
-    write_json(tmp / "run.json", {**req.run_info, "base_model_ref": req.source.ref})  # hub id or absolute folder
+    # Absolute paths: later commands read the adapter from anywhere, not only from the training directory.
+    (tmp / "finetune.yaml").write_text(dump_config(absolute_paths(req.cfg), comments=False))
+    write_json(tmp / "run.json", {**req.run_info, "base_model": req.source.ref})
     if req.prompt is not None:
         write_json(tmp / PROMPT_FILE, req.prompt.to_dict())
 
