@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.lifecycle.folder import is_full_model
 from finetune.lifecycle.weights import FIX, read_header, weights_problems
 
 TARGETS = ("peft", "vllm", "sglang", "tgi", "llama.cpp")
@@ -82,6 +83,9 @@ class CheckResult:
 def read_facts(folder: str | Path, max_lora_rank: int = 16) -> AdapterFacts:
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if is_full_model(folder):
+        raise FinetuneError(f"{folder} is a fully fine-tuned model (lora.enabled: false), not a LoRA adapter: these "
+                            "rules are for adapters; serving frameworks load the folder as a plain model")
     if not cfg_path.is_file():
         raise FinetuneError(f"{folder}: no adapter_config.json; point at an adapter folder (e.g. adapters/<run>)")
     if not weights.is_file():
