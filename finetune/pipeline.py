@@ -45,7 +45,7 @@ def run_train(cfg: JobConfig) -> Path:
         base = load_base_model(source, cfg.model, cfg.task, cfg.lora.quantization, bundle.labels)
         check_pair(base, tokenizer, source, cfg.task)
         net = wrap_lora(base, cfg.lora, cfg.task)
-    say(param_report(net).describe(cfg.lora.r))
+    say(param_report(net).describe(cfg.lora.r if cfg.lora.enabled else None))
     with _timed(timings, "train_s"):
         result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump())
     with _timed(timings, "save_s"):
@@ -53,7 +53,7 @@ def run_train(cfg: JobConfig) -> Path:
         prompt = describe_prompts(cfg.data, bundle.chat)
         request = SaveRequest(cfg, source, info, _probe(bundle), bundle.labels, logs=work, prompt=prompt)
         folder = save_adapter(net if result.model is None else result.model, tokenizer, request, accelerator)
-    say(f"adapter saved and verified: {folder.resolve()}")
+    say(f"{'adapter' if cfg.lora.enabled else 'fully fine-tuned model'} saved and verified: {folder.resolve()}")
     return folder
 
 

@@ -90,8 +90,10 @@ def test_model_card_metadata_and_content(adapter: Path, tmp_path: Path, no_login
     text = (out / "README.md").read_text()
     _, front, body = text.split("---\n", 2)
     meta = yaml.safe_load(front)
+    index = meta.pop("model-index")
     assert meta == {"base_model": "org/tiny-base", "library_name": "peft", "pipeline_tag": "text-generation",
                     "license": "apache-2.0", "tags": ["finetune", "lora", "peft", "transformers"], "datasets": ["org/qa"]}
+    assert index[0]["results"][0]["metrics"] == [{"name": "accuracy", "type": "accuracy", "value": 0.875}]
     assert "| accuracy | 0.25 | 0.875 | 0.625 |" in body and "| LoRA rank r | 4 |" in body and "| train_loss |" in body
     assert "private user data" not in text  # eval examples stay home; only the numbers go in the card
     assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)' in body

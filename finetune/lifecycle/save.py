@@ -15,6 +15,7 @@ from finetune.config.paths import absolute_paths
 from finetune.data.prompt_record import PROMPT_FILE, PromptRecord
 from finetune.errors import VerificationError
 from finetune.files import atomic_dir, check_replaceable, write_json
+from finetune.lifecycle.modelcard import write_new_card
 from finetune.model import Source, load_base_model
 from finetune.training.trackers import METRICS, plot_losses
 
@@ -55,6 +56,7 @@ def save_adapter(model: nn.Module, tokenizer: Any, req: SaveRequest, accelerator
             _write(tmp, peft_model, state, tokenizer, req)
             _record_verification(tmp, verify_adapter(tmp, peft_model, req))
             _copy_logs(req, tmp)
+            write_new_card(tmp, str(final), final.name)  # README.md: finetune's card, not peft's empty template
     accelerator.wait_for_everyone()
     return final
 

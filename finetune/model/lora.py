@@ -23,12 +23,14 @@ class ParamReport:
     formula: int  # sum of r*(d+k) over wrapped d x k weights
     head: str = ""  # what the report says about a new classification head, "" when there is none
 
-    def describe(self, r: int) -> str:
+    def describe(self, r: int | None) -> str:
+        """The training log line; r=None is full fine-tuning (lora.enabled: false)."""
         share = 100 * self.trainable / max(self.total, 1)
-        text = (
-            f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; "
-            f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
-        )
+        trainable = f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
+        if r is None:
+            text = f"full fine-tuning (no LoRA): {trainable}"
+        else:
+            text = f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; {trainable}"
         return f"{text}\n{self.head}" if self.head else text
 
 
