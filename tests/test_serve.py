@@ -41,10 +41,10 @@ def engine(adapters: dict[str, Path]) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module")
 def url(engine: Engine) -> Iterator[str]:
-    from finetune.commands.demo import load_app_module
+    from finetune.serving.demo import build_app
     from finetune.serving.server import create_app, running
 
-    with running(create_app(engine, demo=load_app_module().build_app)) as base_url:
+    with running(create_app(engine, demo=build_app)) as base_url:
         yield base_url
 
 
@@ -270,11 +270,11 @@ def test_api_key_is_enforced_when_set(engine: Engine) -> None:
     import httpx
     import openai
 
-    from finetune.commands.demo import load_app_module
+    from finetune.serving.demo import build_app
     from finetune.serving.server import create_app, running
 
     key = "k" * 32
-    with running(create_app(engine, api_keys=[key], demo=load_app_module().build_app)) as base:
+    with running(create_app(engine, api_keys=[key], demo=build_app)) as base:
         assert httpx.get(f"{base}/v1/models").status_code == 401
         denied = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"})
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"

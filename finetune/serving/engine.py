@@ -47,7 +47,7 @@ from finetune.data.prompt_record import PromptRecord
 from finetune.data.prompting import prompt_ids, stop_token_ids, uses_chat_template
 from finetune.errors import FinetuneError
 from finetune.lifecycle.fit import check_adapter_fits
-from finetune.lifecycle.folder import base_source, load_adapter, read_adapter
+from finetune.lifecycle.folder import base_source, load_adapter, load_base, read_adapter
 from finetune.model import load_model, set_pad_token
 from finetune.serving.batcher import Batcher, Batching, BatchStats, Request
 from finetune.serving.lora_rows import BASE_SLOT, install_row_lora
@@ -83,6 +83,7 @@ class AdapterCard:
     eval_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.json name -> base/adapter/delta
     eval_decoding: dict[str, Any] = field(default_factory=dict)  # eval.json "decoding" (strategy, max_new_tokens)
     prompt: PromptRecord | None = None  # prompt.json: how training built prompts (None for the base entry)
+    full: bool = False  # a fully fine-tuned model (lora.enabled: false) rather than an adapter
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Entry:
     slot: int = BASE_SLOT  # the adapter's row slot in the batcher
     batcher: Batcher | None = None  # text generation: the shared continuous batch
     lock: threading.Lock = field(default_factory=threading.Lock)  # classification: one forward at a time
+    full: bool = False  # a fully fine-tuned model (its own weights and batch; compared with the BASE entry)
 
 
 class Engine:
@@ -150,9 +152,11 @@ class Engine:
                        system_prompt: str | None = None) -> Iterator[tuple[Chunk, Chunk]]:
         """(base, adapter) as both grow, decoded in one batch from the same prompt ids, settings and seed."""
         entry = self._generator(name)
-        if entry.peft_name is None:
+        if entry.peft_name is None and not entry.full:
             raise InputError("Pick an adapter to compare with the base model.")
-        base = replace(entry, peft_name=None, slot=BASE_SLOT)
+        # an adapter's base is the same loaded model with no adapter on the row; a fully fine-tuned model's base is
+        # the BASE entry, a model of its own decoding in its own batch (same prompt ids, settings and seed)
+        base = self.entries[BASE] if entry.full else replace(entry, peft_name=None, slot=BASE_SLOT)
         ids = self._render(entry, prompt, system_prompt)  # rendered the adapter's way for both: only weights differ
         wake: queue.SimpleQueue[Stream] = queue.SimpleQueue()
         streams = self._submit([base, entry], ids, params, cancel, None, wake)
@@ -246,14 +250,22 @@ class Engine:
     def _submit(self, entries: list[Entry], ids: list[int], params: GenerationParams, cancel: threading.Event | None,
                 loop: Any, wake: queue.SimpleQueue[Stream] | None = None) -> list[Stream]:
         params = self._clamped(params)
-        batcher = entries[0].batcher
-        assert batcher is not None
-        requests = []
+        streams: list[Stream] = []
+        groups: dict[int, tuple[Batcher, list[Request]]] = {}  # one submit per batch: its rows join it together
         for entry in entries:
-            stream = Stream(batcher.new_id(), len(ids), cancel, loop, wake)
-            requests.append(Request(entry.slot, ids, RowDecoder(entry.tok, params, entry.stop_ids), stream))
-        batcher.submit(requests)
-        return [r.stream for r in requests]
+            assert entry.batcher is not None
+            stream = Stream(entry.batcher.new_id(), len(ids), cancel, loop, wake)
+            request = Request(entry.slot, ids, RowDecoder(entry.tok, params, entry.stop_ids), stream)
+            groups.setdefault(id(entry.batcher), (entry.batcher, []))[1].append(request)
+            streams.append(stream)
+        try:
+            for batcher, requests in groups.values():
+                batcher.submit(requests)
+        except Exception:
+            for stream in streams:  # a second batch refusing (Busy) must not leave the first one's rows running
+                stream.close()
+            raise
+        return streams
 
     def _clamped(self, params: GenerationParams) -> GenerationParams:
         return GenerationParams(
@@ -272,27 +284,45 @@ class Engine:
 def load_engine(folders: Sequence[str | Path], base: str | None = None, limits: Limits | None = None,
                 batching: Batching | None = None) -> Engine:
     """Load every adapter folder; those sharing task, base and labels share one loaded model. Text-generation
-    adapters must share a base; with no folder, `base` alone is served."""
+    adapters must share a base; with no folder, `base` alone is served. A fully fine-tuned folder (lora.enabled:
+    false) is a model of its own, served in its own batch and compared with its base (the BASE entry)."""
     if not folders and not base:
         raise FinetuneError("nothing to serve: give one or more adapter folders, or --base MODEL for a base model alone")
     limits, batching = limits or Limits(), batching or Batching()
     infos = [read_adapter(f) for f in folders]
     _check_names(infos)
-    groups = _grouped(infos, base)
-    causal = [key for key in groups if key[0] == "causal_lm"]
-    if len(causal) > 1:
-        raise FinetuneError("the text-generation adapters were trained on different bases ("
-                            + "; ".join(f"{k[1]}: {', '.join(i.name for i in groups[k])}" for k in causal)
-                            + "). Serve one base per process, or pass --base to run them all on one.")
+    full = [i for i in infos if i.full]
+    groups = _grouped([i for i in infos if not i.full], base)
+    _check_one_text_base(groups, full, base)
     entries: dict[str, Entry] = {}
-    if not infos:
-        entries[BASE] = _base_only_entry(str(base), limits, batching)
+    full_text = next((i for i in full if i.task == "causal_lm"), None)
+    if not any(key[0] == "causal_lm" for key in groups) and (full_text is not None or not infos):
+        entries[BASE] = (_full_base_entry(full_text, base, limits, batching) if full_text is not None
+                         else _base_only_entry(str(base), limits, batching))
     for key, members in groups.items():
         if key[0] == "causal_lm":
             entries.update(_load_causal_group(members, base, limits, batching))
         else:
             entries.update(_load_classifiers(members, base))
+    for info in full:
+        entries[info.name] = _full_entry(info, limits, batching)
     return Engine(entries, limits)
+
+
+def _check_one_text_base(groups: dict[tuple[str, str, tuple[str, ...]], list[Any]], full: list[Any],
+                         base: str | None) -> None:
+    """Every text-generation entry decodes next to the one BASE entry, so all must share that base."""
+    by_base: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        if key[0] == "causal_lm":
+            by_base.setdefault(key[1], []).extend(i.name for i in members)
+    for info in full:
+        if info.task == "causal_lm":
+            by_base.setdefault(base_source(info, base)[0].ref, []).append(info.name)
+    if len(by_base) > 1:
+        raise FinetuneError("the text-generation adapters were trained on different bases ("
+                            + "; ".join(f"{ref}: {', '.join(names)}" for ref, names in by_base.items())
+                            + "). Serve one base per process, or pass --base to run them all on one.")
 
 
 def _check_names(infos: list[Any]) -> None:
@@ -357,6 +387,29 @@ def _load_classifiers(members: list[Any], base: str | None) -> dict[str, Entry]:
             for info, tok, name in loaded}
 
 
+def _full_entry(info: Any, limits: Limits, batching: Batching) -> Entry:
+    """A fully fine-tuned model: its own weights, no adapter; a text model gets a batch of its own."""
+    model, tok, info = load_adapter(info.folder)
+    model.eval()
+    if info.task != "causal_lm":
+        return Entry(model, tok, info.task, info.chat, None, [], _card(info), info.prompt, full=True)
+    stops = stop_token_ids(tok, getattr(model, "generation_config", None))
+    return Entry(model, tok, "causal_lm", info.chat, None, stops, _card(info), info.prompt, BASE_SLOT,
+                 _batcher(model, None, [None], tok, limits, batching), full=True)
+
+
+def _full_base_entry(info: Any, base: str | None, limits: Limits, batching: Batching) -> Entry:
+    """The base a fully fine-tuned text model started from (or --base), with that model's tokenizer, as eval does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(info.folder))
+    set_pad_token(tok)
+    model = load_base(info, tok, base)
+    card = AdapterCard(name=BASE, base=info.base, task="causal_lm", chat=info.chat)
+    return Entry(model, tok, "causal_lm", info.chat, None, stop_token_ids(tok, getattr(model, "generation_config", None)),
+                 card, PromptRecord(info.chat), BASE_SLOT, _batcher(model, None, [None], tok, limits, batching))
+
+
 def _base_only_entry(base: str, limits: Limits, batching: Batching) -> Entry:
     model, tok, source = load_model(ModelConfig(name_or_path=base))
     model.eval()
@@ -401,5 +454,5 @@ def _card(info: Any) -> AdapterCard:
         name=info.name, base=info.base, task=info.task, rank=info.adapter_config.get("r"),
         alpha=info.adapter_config.get("lora_alpha"), chat=info.chat, labels=info.run.get("labels"),
         metrics=dict(info.run.get("metrics") or {}), eval_metrics=eval_metrics,
-        eval_decoding=dict(report.get("decoding") or {}), prompt=info.prompt,
+        eval_decoding=dict(report.get("decoding") or {}), prompt=info.prompt, full=info.full,
     )

@@ -29,6 +29,8 @@ def summary_line(card: AdapterCard) -> str:
     parts = [card.name, model_name(card.base)]
     if card.rank is not None:
         parts.append(f"LoRA r{card.rank}")
+    elif card.full:
+        parts.append("full fine-tuning")
     metric = next((m for m in HEADLINE if m in card.eval_metrics), None)
     if metric is not None:
         values = card.eval_metrics[metric]
@@ -47,6 +49,8 @@ def card_rows(card: AdapterCard) -> list[tuple[str, str]]:
             rows.append(("examples", f"{len(card.prompt.examples)} from the {card.prompt.examples_source} data"))
     if card.rank is not None:
         rows.append(("LoRA", f"rank {card.rank}, alpha {fmt(card.alpha)}"))
+    elif card.full:
+        rows.append(("method", "full fine-tuning (a whole model; compared with its base)"))
     if card.labels:
         rows.append(("labels", ", ".join(card.labels)))
     rows += [(k if k.startswith("train") else f"train {k}", fmt(v)) for k, v in card.metrics.items()]
