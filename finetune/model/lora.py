@@ -45,7 +45,18 @@ def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm") -> nn.
         use_dora=cfg.use_dora,
         modules_to_save=cfg.modules_to_save or None,
     )
-    return get_peft_model(model, peft_cfg)
+    return _trained_in_float32(get_peft_model(model, peft_cfg))
+
+
+def _trained_in_float32(model: Any) -> Any:
+    """Trained weights (LoRA matrices, a new classifier head) in float32 even on a bf16 base: AdamW's updates would
+    round away in bf16, and peft keeps only the LoRA matrices in float32 by itself."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def param_report(model: nn.Module) -> ParamReport:
