@@ -114,10 +114,17 @@ def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: 
         "precision": accelerator.mixed_precision,
         "data": {"fingerprint": bundle.fingerprint, "format": bundle.format, "chat_template": bundle.chat, **bundle.stats},
         "labels": bundle.labels,
-        "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped},
+        "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped,
+                   "frozen_dtype": _frozen_dtype(net)},
         "metrics": result.metrics(),
         "timings": {**timings, "train_s": round(result.seconds, 2), "peak_memory_mb": round(result.peak_memory_mb, 1)},
+        "throughput": {"input_tokens": result.input_tokens, "positions": result.positions,
+                       "input_tokens_per_s": round(result.input_tokens / max(result.seconds, 1e-9), 1)},
     }
+
+
+def _frozen_dtype(net: Any) -> str | None:
+    return next((str(p.dtype).removeprefix("torch.") for p in net.parameters() if not p.requires_grad), None)
 
 
 class _timed:

@@ -271,3 +271,34 @@ def test_bf16_runs_keep_the_frozen_base_in_bf16_and_train_in_float32(tiny_lm: Pa
     frozen = {p.dtype for p in net.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16} and set(trained.values()) == {torch.float32}
     assert any("lm_head" in n for n in trained)
+
+
+def test_lora_inputs_kept_in_bf16_under_autocast_change_nothing(tiny_lm: Path, examples: Any) -> None:
+    """peft copies each LoRA layer's input to float32; under autocast the matmul casts it straight back, so skipping
+    the copy gives bit-identical losses and gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import autocast_lora_inputs
+    from finetune.model.lora import _trained_in_float32
+    from finetune.training.loss import loss_sum
+
+    tok, exs, _ = examples
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.bfloat16)
+    model = _trained_in_float32(get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                 init_lora_weights=False)))
+    batch = PadCollator(tok.pad_token_id)(exs)
+
+    def under_autocast(model: Any, batch: dict[str, Any]) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_sum(model, batch)
+
+    want = _loss_and_grads(model, under_autocast, batch)
+    with autocast_lora_inputs(model):
+        assert any(getattr(m, "cast_input_dtype_enabled", True) is False for m in model.modules())
+        got = _loss_and_grads(model, under_autocast, batch)
+    assert got[0] == want[0]
+    assert all(torch.equal(got[1][n], g) for n, g in want[1].items())
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())  # restored

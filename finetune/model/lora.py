@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +55,21 @@ def _trained_in_float32(model: Any) -> Any:
     import torch
 
     for param in model.parameters():
-        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
     return model
+
+
+def autocast_lora_inputs(model: nn.Module) -> AbstractContextManager[Any]:
+    """For forwards under autocast: LoRA layers take their input as it comes (bf16) instead of copying it to the
+    LoRA weights' float32 first. Autocast casts it back to bf16 for the matmul anyway, so the numbers are the same
+    (bf16 -> float32 -> bf16 is exact), without two copies of every LoRA layer's input and of its gradient. Plain
+    LoRA only: DoRA and quantized bases keep peft's casting."""
+    from peft.helpers import disable_input_dtype_casting
+
+    dora = any(any(flags.values()) for m in model.modules() if isinstance(flags := getattr(m, "use_dora", None), dict))
+    quantized = any(not p.is_floating_point() for p in model.parameters())
+    return nullcontext() if dora or quantized else disable_input_dtype_casting(model)
 
 
 def param_report(model: nn.Module) -> ParamReport:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.config.train import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.model.attention import restore_attention, use_segment_attention
+from finetune.model.lora import autocast_lora_inputs
 from finetune.training import checkpoint as ckpt
 from finetune.training.loss import loss_sum, target_count, to_device
 from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from
@@ -148,12 +150,21 @@ class _Loop:
         result, start = TrainResult(resumed_from=str(self.resumed) if self.resumed else None), time.perf_counter()
         self.log.start(self.state.step if self.resumed else None)
         self.model.train()
-        try:
+        with self._fast_paths():
             self._steps(result, start)
             self._finish(result, start)
+        return result
+
+    @contextmanager
+    def _fast_paths(self) -> Iterator[None]:
+        """Per-example attention for padding-free batches and, under autocast, LoRA inputs kept in bf16; both undone
+        afterwards, so the trained model runs as plain transformers + peft (the save verification, later use)."""
+        casting = autocast_lora_inputs(self.inner) if self.acc.mixed_precision != "no" else nullcontext()
+        try:
+            with casting:
+                yield
         finally:
             restore_attention(self.inner, self.attention)
-        return result
 
     def _steps(self, result: TrainResult, start: float) -> None:
         profiler = StepProfiler(self.cfg.profile_steps, self.work / PROFILE, self.acc.is_main_process, self.state.step + 1)
