@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="effective batch (examples per optimizer step)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's, one per core); "
+                   "on a machine other jobs share, 1 avoids threads waiting on each other's descheduled partner")
     p.add_argument("--contenders", nargs="*", help=f"default: {' '.join(DEFAULT)}")
     p.add_argument("--ablations", action="store_true", help=f"also run {' '.join(ABLATIONS)}")
     p.add_argument("--quick", action="store_true", help="2 steps of 4 on 16 rows, 8 held out: a smoke run")
@@ -94,7 +96,8 @@ def _spec(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     held.write_text("".join(json.dumps(r) + "\n" for r in rows[args.rows:]))
     spec = {"model": args.model, "train": str(train), "eval": str(held), "data_origin": origin, "rows": args.rows,
             "eval_rows": len(rows) - args.rows, "steps": args.steps, "batch": args.batch, "max_len": args.max_len,
-            "lr": 2e-4, "r": 16, "alpha": 32, "seed": 42, "warmup_ratio": 0.03, "device": "cpu", "work": str(tmp)}
+            "lr": 2e-4, "r": 16, "alpha": 32, "seed": 42, "warmup_ratio": 0.03, "device": "cpu", "work": str(tmp),
+            "threads": args.threads}
     spec["order"] = data_order(args.rows, args.steps * args.batch, spec["seed"])
     return spec
 
@@ -146,8 +149,9 @@ def _in_process(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path), "--result", str(result)]
     log = tmp / f"{name}.log"
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else {})}
     with log.open("w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if code or not result.is_file():
         tail = log.read_text(errors="replace")[-1500:]
         return {"error": f"worker {name} failed (exit {code}): ...{tail}"}

@@ -56,7 +56,8 @@ def _section(sec: dict[str, Any]) -> str:
              "peak RSS (MB) | eval loss | MFU |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if r is None:
-            lines.append(f"| {name} | failed: {sec['runs'][name][-1]['error'][-300:]!r} |||||||| ")
+            error = sec["runs"][name][-1]["error"].strip().splitlines()[-1][:200]
+            lines.append(f"| {name} | failed: {error} | | | | | | | |")
             continue
         mfu = r["tok_s"] * 4 * params / (peak * 1e9) if params and peak else 0.0
         r["mfu"] = mfu
@@ -111,7 +112,8 @@ def _raw(sec: dict[str, Any]) -> list[str]:
             if "error" in r:
                 out.append(f"| {name} | {i} | failed | | | |")
             else:
-                out.append(f"| {name} | {i} | {r['seconds']:.1f} | {r['input_tokens']:,} | {r['train_loss']} | "
+                loss = "" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+                out.append(f"| {name} | {i} | {r['seconds']:.1f} | {r['input_tokens']:,} | {loss} | "
                            f"{r['eval_loss']:.4f} |")
     return out + ["", "</details>"]
 

@@ -29,6 +29,10 @@ CONTENDERS: dict[str, tuple[str, list[str]]] = {
 
 
 def run_worker(name: str, spec: dict[str, Any], result: Path) -> int:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     if name == "matmul":
         out = {**matmul_peak(spec["device"]), "params": count_params(spec["model"])}
     else:
@@ -139,8 +143,9 @@ def run_trl(spec: dict[str, Any], options: list[str]) -> dict[str, Any]:
     batch = spec["batch"]
     if packing:  # rows of max_len tokens: about as many tokens per step as `batch` examples
         batch = max(1, round(spec["batch"] * _mean_length(spec) / spec["max_len"]))
-    args = _hf_args(spec, SFTConfig, max_length=spec["max_len"], completion_only_loss=True, packing=packing,
-                    padding_free=not packing, per_device_train_batch_size=batch)
+    # padding-free without packing: TRL wants max_length None (it would not truncate); alpaca rows fit in 512 anyway
+    args = _hf_args(spec, SFTConfig, max_length=spec["max_len"] if packing else None, completion_only_loss=True,
+                    packing=packing, padding_free=not packing, per_device_train_batch_size=batch)
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, peft_config=_lora(spec, LoraConfig))
     counter = _Counting(trainer.data_collator)
     trainer.data_collator = counter
