@@ -121,6 +121,10 @@ def test_segment_attention_keeps_examples_apart_by_itself(tiny_lm: Path, example
 
 
 def test_output_layer_runs_only_on_target_positions(tiny_lm: Path, examples: Any) -> None:
+    """Evaluation (no gradients): the model's output layer sees the target positions only. Training: it sees one
+    position (the check that the model applies nothing after it); the rest runs in chunks outside the model."""
+    import torch
+
     from finetune.training.loss import loss_sum, target_count
 
     tok, exs, _ = examples
@@ -129,9 +133,53 @@ def test_output_layer_runs_only_on_target_positions(tiny_lm: Path, examples: Any
     head = model.get_base_model().lm_head
     hook = head.register_forward_hook(lambda mod, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
     batch = PadCollator(tok.pad_token_id)(exs)
+    with torch.no_grad():
+        loss_sum(model, batch)
     loss_sum(model, batch)
     hook.remove()
-    assert rows == [target_count(batch)] and rows[0] < batch["input_ids"].numel() / 2
+    assert rows == [target_count(batch), 1] and rows[0] < batch["input_ids"].numel() / 2
+
+
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_chunked_output_layer_equals_the_plain_path(tiny_lm: Path, examples: Any, monkeypatch: pytest.MonkeyPatch,
+                                                    trained_head: bool) -> None:
+    """Chunks of 7 rows (so the targets span several, the last one partial); with lm_head trained too, its
+    gradient as well. No (targets x vocabulary) logits tensor exists on this path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.training import head_loss
+    from finetune.training.loss import loss_sum
+
+    monkeypatch.setattr(head_loss, "CHUNK", 7)
+    tok, exs, _ = examples
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float64)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False, modules_to_save=["lm_head"] if trained_head else None))
+    batch = PadCollator(tok.pad_token_id)(exs)
+    want = _loss_and_grads(model, plain_loss, batch)
+    assert any("lm_head" in n for n in want[1]) == trained_head
+    calls: list[int] = []
+    real = head_loss._forward_chunks
+    monkeypatch.setattr(head_loss, "_forward_chunks", lambda *a: calls.append(1) or real(*a))
+    _assert_same(_loss_and_grads(model, loss_sum, batch), want)
+    assert calls == [1]  # the chunked path ran (not the logits fallback)
+
+
+def test_a_model_that_rescales_its_logits_keeps_the_logits_path(tiny_lm: Path, examples: Any) -> None:
+    """A logit scale or soft-capping after the output layer (here a hook halving the logits) is noticed by the
+    probe position, and the loss stays the model's own."""
+    from finetune.training import head_loss
+    from finetune.training.loss import loss_sum
+
+    tok, exs, _ = examples
+    model = _lora64(tiny_lm)
+    model.get_base_model().lm_head.register_forward_hook(lambda mod, args, out: out * 0.5)
+    batch = PadCollator(tok.pad_token_id)(exs)
+    _assert_same(_loss_and_grads(model, loss_sum, batch), _loss_and_grads(model, plain_loss, batch))
+    assert head_loss._PLAIN[model.get_base_model()] is False
 
 
 def test_target_logits_name_each_targets_example(tiny_lm: Path, examples: Any) -> None:

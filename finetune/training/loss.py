@@ -5,13 +5,16 @@ A causal LM's output layer runs only where there is loss: the positions whose ne
 the model as `logits_to_keep` (a boolean mask, transformers >= 5), so the vocabulary-wide projection and its float32
 copy cover the target tokens alone instead of every position of the batch (answer-only chat data: about half of the
 real tokens, and none of the padding). Models whose forward cannot select positions return every position's logits
-and are sliced here: the same numbers, at the old cost."""
+and are sliced here: the same numbers, at the old cost. In training (gradients on) the output layer and the
+cross-entropy run in chunks without any logits tensor (finetune.training.head_loss)."""
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from finetune.training.head_loss import chunked_loss_sum
 
 if TYPE_CHECKING:
     import torch
@@ -34,11 +37,16 @@ class TargetLogits:
 
 def loss_sum(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Summed (not averaged) loss of a micro-batch, so the caller can normalise over the whole accumulated batch."""
+    import torch
     import torch.nn.functional as F
 
     if "label" in batch:
         logits = model(**model_inputs(batch)).logits
         return F.cross_entropy(_float(logits), batch["label"], reduction="sum")
+    if torch.is_grad_enabled() and selects_positions(model):  # training: no logits tensor at all
+        fused = chunked_loss_sum(model, _inner(model), model_inputs(batch), batch["labels"])
+        if fused is not None:
+            return fused
     out = target_logits(model, batch)
     return F.cross_entropy(_float(out.logits), out.targets, reduction="sum")
 
@@ -86,12 +94,9 @@ _SELECTS: dict[type, bool] = {}
 
 def selects_positions(model: Any) -> bool:
     """Whether the model's forward takes a boolean `logits_to_keep` mask (through DDP, compile and peft wrappers)."""
-    from accelerate.utils import extract_model_from_parallel
     from transformers import modeling_utils
 
-    inner = extract_model_from_parallel(model, keep_torch_compile=False)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    kind = type(inner)
+    kind = type(_inner(model))
     if kind not in _SELECTS:
         try:
             takes = "logits_to_keep" in inspect.signature(kind.forward).parameters
@@ -100,6 +105,14 @@ def selects_positions(model: Any) -> bool:
         # the boolean (batch, length) form arrived with this helper; older versions read it as positions
         _SELECTS[kind] = takes and hasattr(modeling_utils, "slice_logits_to_keep")
     return _SELECTS[kind]
+
+
+def _inner(model: Any) -> Any:
+    """The transformers model inside DDP, compile and peft wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _example_of(batch: dict[str, Any], keep: torch.Tensor) -> torch.Tensor:
