@@ -150,6 +150,8 @@ def _in_process(name: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--spec", str(spec_path), "--result", str(result)]
     log = tmp / f"{name}.log"
     env = {**os.environ, **({"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else {})}
+    if spec["device"] == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU section stays on the CPU on a GPU machine too
     with log.open("w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if code or not result.is_file():

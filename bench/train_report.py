@@ -53,7 +53,8 @@ def _section(sec: dict[str, Any]) -> str:
              f"bf16 matmul peak {peak:.0f} GFLOP/s (fp32 {max(m.get('gflops_fp32', 0.0) for m in sec['matmul']):.0f}), "
              f"{sec['matmul'][0].get('threads')} threads; {params or 0:,} parameters", "",
              "| contender | base dtype | steps wall (s) | non-pad tok/s | positions (incl. pad) | target tokens | "
-             "peak RSS (MB) | eval loss | MFU |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{'peak RSS' if sec['device'] == 'cpu' else 'peak GPU memory'} (MB) | eval loss | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if r is None:
             error = sec["runs"][name][-1]["error"].strip().splitlines()[-1][:200]

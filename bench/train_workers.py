@@ -68,6 +68,8 @@ def run_finetune(spec: dict[str, Any], options: list[str]) -> dict[str, Any]:
            "output": {"dir": str(Path(spec["work"]) / "adapters"), "run_name": f"bench-{os.getpid()}", "overwrite": True}}
     if "all_logits" in options:
         _use_the_old_loss()
+    if spec["device"] == "cuda" and _flash_attention():
+        job["model"]["attn_implementation"] = "flash_attention_2"  # varlen: reads the padding-free boundaries
     cfg = load_config_text(yaml.safe_dump(job), overrides=[o for o in options if "=" in o])
     folder = run_train(cfg)
     run = json.loads((folder / "run.json").read_text())
@@ -146,10 +148,18 @@ def run_trl(spec: dict[str, Any], options: list[str]) -> dict[str, Any]:
     # padding-free without packing: TRL wants max_length None (it would not truncate); alpaca rows fit in 512 anyway
     args = _hf_args(spec, SFTConfig, max_length=spec["max_len"] if packing else None, completion_only_loss=True,
                     packing=packing, padding_free=not packing, per_device_train_batch_size=batch)
+    if spec["device"] == "cuda" and _flash_attention():
+        args.model_init_kwargs = {**(args.model_init_kwargs or {}), "attn_implementation": "flash_attention_2"}
     trainer = SFTTrainer(model=spec["model"], args=args, train_dataset=data, peft_config=_lora(spec, LoraConfig))
     counter = _Counting(trainer.data_collator)
     trainer.data_collator = counter
     return {**_train_hf(trainer, counter, trainer.model, spec), "batch_rows": batch}
+
+
+def _flash_attention() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _mean_length(spec: dict[str, Any]) -> float:
