@@ -239,6 +239,10 @@ def test_training_padding_free_matches_padded(tmp_path: Path, tiny_lm: Path, run
     assert [m["loss"] for m in free[0]] == pytest.approx([m["loss"] for m in padded[0]], rel=1e-5)
     assert free[1]["metrics"]["eval_loss"] == pytest.approx(padded[1]["metrics"]["eval_loss"], rel=1e-5)
     assert free[1]["verification"]["max_logit_diff"] == 0.0
+    done, pad = free[1]["throughput"], padded[1]["throughput"]
+    assert done["input_tokens"] == pad["input_tokens"] == done["positions"] < pad["positions"]
+    job = tmp_path / "adapters" / ".work" / "free" / "job.yaml"  # the resolved job, written at the start
+    assert job.read_text() == (tmp_path / "adapters" / "free" / "finetune.yaml").read_text()
 
 
 def test_eager_attention_falls_back_to_padded_batches(tmp_path: Path, tiny_lm: Path, run_job: Any,
