@@ -354,3 +354,13 @@ def test_lora_inputs_kept_in_bf16_under_autocast_change_nothing(tiny_lm: Path, e
     assert got[0] == want[0]
     assert all(torch.equal(got[1][n], g) for n, g in want[1].items())
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())  # restored
+
+
+def test_classification_progress_counts_examples(tmp_path: Path, tiny_encoder: Path, train_tiny: Any,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune.testing import class_rows
+
+    train_tiny(tmp_path, tiny_encoder, class_rows(16), "cls", task="classification", steps=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("step ", "trained "))]
+    assert len(lines) == 3 and all("examples" in line and "target" not in line for line in lines)
+    assert "8 examples" in lines[-1]  # 2 steps x micro-batch 4
