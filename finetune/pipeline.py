@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import yaml
 
 from finetune import __version__
 from finetune.config import JobConfig, dump_config
+from finetune.config.redact import redact
 from finetune.data import DataBundle, build_data
 from finetune.data.prompt_record import describe_prompts
 from finetune.lifecycle import runinfo
@@ -39,7 +39,7 @@ def run_train(cfg: JobConfig) -> Path:
     model_cfg = training_dtype(cfg.model, accelerator.mixed_precision, not cfg.lora.enabled, cfg.lora.quantization)
     cfg = cfg.model_copy(update={"model": model_cfg})
     say = accelerator.print
-    say(_redacted(describe_job(cfg, _write_job(cfg, work, accelerator.is_main_process))))
+    say(redact(describe_job(cfg, _write_job(cfg, work, accelerator.is_main_process))))
     set_seed(cfg.train.seed)
     timings: dict[str, float] = {}
     with _timed(timings, "load_tokenizer_s"):
@@ -52,7 +52,7 @@ def run_train(cfg: JobConfig) -> Path:
         base = load_base_model(source, cfg.model, cfg.task, cfg.lora.quantization, bundle.labels)
         check_pair(base, tokenizer, source, cfg.task)
         net = wrap_lora(base, cfg.lora, cfg.task)
-    say(param_report(net).describe(cfg.lora.r))
+    say(param_report(net).describe(cfg.lora.r if cfg.lora.enabled else None))
     with _timed(timings, "train_s"):
         result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump())
     with _timed(timings, "save_s"):
@@ -60,7 +60,7 @@ def run_train(cfg: JobConfig) -> Path:
         prompt = describe_prompts(cfg.data, bundle.chat)
         request = SaveRequest(cfg, source, info, _probe(bundle), bundle.labels, logs=work, prompt=prompt)
         folder = save_adapter(net if result.model is None else result.model, tokenizer, request, accelerator)
-    say(f"adapter saved and verified: {folder.resolve()}")
+    say(f"{'adapter' if cfg.lora.enabled else 'fully fine-tuned model'} saved and verified: {folder.resolve()}")
     return folder
 
 
@@ -117,6 +117,7 @@ def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: 
         "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped,
                    "frozen_dtype": _frozen_dtype(net)},
         "metrics": result.metrics(),
+        "resumed_from": result.resumed_from,
         "timings": {**timings, "train_s": round(result.seconds, 2), "peak_memory_mb": round(result.peak_memory_mb, 1)},
         "throughput": {"input_tokens": result.input_tokens, "positions": result.positions,
                        "input_tokens_per_s": round(result.input_tokens / max(result.seconds, 1e-9), 1)},
@@ -136,8 +137,3 @@ class _timed:
 
     def __exit__(self, *exc: Any) -> None:
         self.sink[self.key] = round(time.perf_counter() - self.start, 2)
-
-
-def _redacted(text: str) -> str:
-    """Hide values of keys that look like secrets (`key: value` lines, dotted keys too) before the job is printed."""
-    return re.sub(r"(?im)^(\s*[\w.]*(token|secret|password|api_key)\w*:\s*).+$", r"\1***", text)

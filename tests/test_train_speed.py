@@ -293,7 +293,8 @@ def test_progress_prints_plain_lines_when_not_a_terminal(capsys: pytest.CaptureF
 
 def test_job_echo_lists_what_differs_from_the_defaults(tmp_path: Path) -> None:
     from finetune.config import load_config_text
-    from finetune.pipeline import _redacted, describe_job
+    from finetune.config.redact import redact
+    from finetune.pipeline import describe_job
 
     cfg = load_config_text("model:\n  name_or_path: m\ndata:\n  train: t.jsonl\n  max_seq_len: 256\n"
                            "train:\n  max_steps: 40\n  seed: 42\n", check_files=False)
@@ -301,7 +302,11 @@ def test_job_echo_lists_what_differs_from_the_defaults(tmp_path: Path) -> None:
     assert text.splitlines() == [f"job: 4 settings differ from the defaults; the full resolved job is in {tmp_path / 'job.yaml'}",
                                  "  model.name_or_path: m", "  data.train: t.jsonl", "  data.max_seq_len: 256",
                                  "  train.max_steps: 40"]  # seed 42 is the default
-    assert _redacted("  output.hub_token: hf_abc\n  data.train: t") == "  output.hub_token: ***\n  data.train: t"
+    assert redact("  output.hub_token: abc\n  data.train: t") == "  output.hub_token: '***'\n  data.train: t"
+    secret = load_config_text("model:\n  name_or_path: m\ndata:\n  train: t.jsonl\n  system_prompt: "
+                              "use hf_abcdefghijklmnopqrstuvwxyz0123 now\n", check_files=False)
+    echoed = redact(describe_job(secret, tmp_path / "job.yaml"))
+    assert "hf_abcdefghij" not in echoed and "data.system_prompt: use *** now" in echoed
 
 
 def test_bf16_runs_keep_the_frozen_base_in_bf16_and_train_in_float32(tiny_lm: Path) -> None:
