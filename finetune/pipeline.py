@@ -26,7 +26,7 @@ from finetune.model import (
 )
 from finetune.training import TrainResult, make_accelerator, train
 
-JOB_FILE = "job.yaml"  # in the run's work folder: the resolved job, written at start
+JOB_FILE = "job.yaml"  # in the run's work folder: the resolved job, written when training starts
 
 
 def run_train(cfg: JobConfig) -> Path:
@@ -39,7 +39,7 @@ def run_train(cfg: JobConfig) -> Path:
     model_cfg = training_dtype(cfg.model, accelerator.mixed_precision, not cfg.lora.enabled, cfg.lora.quantization)
     cfg = cfg.model_copy(update={"model": model_cfg})
     say = accelerator.print
-    say(redact(describe_job(cfg, _write_job(cfg, work, accelerator.is_main_process))))
+    say(redact(describe_job(cfg, work / JOB_FILE)))
     set_seed(cfg.train.seed)
     timings: dict[str, float] = {}
     with _timed(timings, "load_tokenizer_s"):
@@ -54,7 +54,8 @@ def run_train(cfg: JobConfig) -> Path:
         net = wrap_lora(base, cfg.lora, cfg.task)
     say(param_report(net).describe(cfg.lora.r if cfg.lora.enabled else None))
     with _timed(timings, "train_s"):
-        result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump())
+        result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump(),
+                       start_files={JOB_FILE: dump_config(cfg, comments=False)})
     with _timed(timings, "save_s"):
         info = _run_info(cfg, bundle, result, timings, accelerator, net)
         prompt = describe_prompts(cfg.data, bundle.chat)
@@ -68,15 +69,6 @@ def _probe(bundle: DataBundle) -> dict[str, Any]:
     """Two examples as a padded batch: what the save verification runs through the trained and the reloaded model."""
     rows = (bundle.validation or bundle.train)[:2]
     return getattr(bundle.collator, "padded", bundle.collator)(rows)
-
-
-def _write_job(cfg: JobConfig, work: Path, main: bool) -> Path:
-    """The fully resolved job, before any work, so a run can be repeated or compared while it trains."""
-    path = work / JOB_FILE
-    if main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dump_config(cfg, comments=False), encoding="utf-8")
-    return path
 
 
 def describe_job(cfg: JobConfig, written: Path) -> str:

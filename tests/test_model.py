@@ -26,7 +26,9 @@ def test_pad_equal_to_eos_still_trains_eos(tiny_lm_plain: Path, tmp_path: Path) 
     assert set_pad_token(tok) == "eos"
     rows = [{"prompt": "name: bob", "completion": "hello bob"},
             {"prompt": "name: carol", "completion": "hello carol, a longer answer"}]
-    cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), cache=False, use_chat_template="never")
+    # padded batches: padding-free ones have no padding to mask (their EOS targets are checked in test_train_speed)
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), cache=False, use_chat_template="never",
+                     padding_free=False)
     bundle = build_data(cfg, tok)
     short = next(e for e in bundle.train if len(e["input_ids"]) == min(len(x["input_ids"]) for x in bundle.train))
     long = next(e for e in bundle.train if e is not short)
@@ -88,3 +90,21 @@ def test_same_source_for_tokenizer_and_weights(tiny_lm: Path) -> None:
     assert Path(tok.name_or_path).resolve() == Path(source.folder)
     assert Path(model.config._name_or_path).resolve() == Path(source.folder)
     assert model.dtype == torch.float32
+
+
+def test_pad_equal_to_eos_padding_free_batches_train_every_eos(tiny_lm_plain: Path, tmp_path: Path) -> None:
+    """The default padding-free batches: no padding at all, and each example's own EOS is a target."""
+    from transformers import AutoTokenizer
+
+    from finetune.testing import write_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_plain)
+    tok.pad_token = tok.eos_token
+    set_pad_token(tok)
+    rows = [{"prompt": "name: bob", "completion": "hello bob"},
+            {"prompt": "name: carol", "completion": "hello carol, a longer answer"}]
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), cache=False, use_chat_template="never")
+    bundle = build_data(cfg, tok)
+    batch = bundle.collator(list(bundle.train))
+    assert batch["input_ids"].numel() == sum(len(e["input_ids"]) for e in bundle.train)  # nothing padded
+    assert int((batch["labels"] == tok.eos_token_id).sum()) == 2  # one EOS target per example

@@ -64,9 +64,13 @@ def make_accelerator(cfg: TrainConfig, work: Path | None = None) -> Accelerator:
 
 
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Accelerator, out_dir: Path,
-          hparams: dict[str, Any] | None = None) -> TrainResult:
-    """Train `model` in place; `out_dir` (the run's work folder) receives metrics, checkpoints and the profile."""
-    return _Loop(model, data, cfg, accelerator, out_dir, hparams or {}).run()
+          hparams: dict[str, Any] | None = None, start_files: dict[str, str] | None = None) -> TrainResult:
+    """Train `model` in place; `out_dir` (the run's work folder) receives metrics, checkpoints and the profile, and
+    `start_files` (name -> text, e.g. the resolved job) once the run has started: a run refused before its first step
+    (a checkpoint that does not match) writes nothing."""
+    loop = _Loop(model, data, cfg, accelerator, out_dir, hparams or {})
+    loop.start_files = start_files or {}
+    return loop.run()
 
 
 def total_steps(cfg: TrainConfig, size: int | None, world: int) -> int:
@@ -98,6 +102,7 @@ class _Loop:
         from transformers import get_scheduler
 
         self.cfg, self.acc, self.data, self.work = cfg, acc, data, work
+        self.start_files: dict[str, str] = {}  # written into `work` when the run starts (see train)
         if cfg.eval_every and not data.validation:
             raise FinetuneError("train.eval_every needs validation data: set data.validation (or data.val_size)")
         setup_model(model, cfg)
@@ -160,6 +165,9 @@ class _Loop:
     def run(self) -> TrainResult:
         result, start = TrainResult(resumed_from=str(self.resumed) if self.resumed else None, unit=self.unit), time.perf_counter()
         self.log.start(self.state.step if self.resumed else None)
+        if self.acc.is_main_process:
+            for name, text in self.start_files.items():
+                (self.work / name).write_text(text, encoding="utf-8")
         self.model.train()
         with self._fast_paths():
             self._steps(result, start)
