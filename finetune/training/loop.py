@@ -15,7 +15,9 @@ from finetune.config.train import TrainConfig
 from finetune.errors import FinetuneError
 from finetune.training import checkpoint as ckpt
 from finetune.training.loss import loss_sum, target_count
-from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from
+from finetune.training.modes import eval_mode as _eval_mode
+from finetune.training.preference import Preference, evaluate_objective, make_objective, reduced_sums
+from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from, validation_share
 from finetune.training.processes import make_accelerator as _make_accelerator
 from finetune.training.profiling import PROFILE, StepProfiler
 from finetune.training.progress import ProgressBar, StopSignal
@@ -40,12 +42,16 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: str | None = None
     model: Any = field(default=None, repr=False)  # as prepared by accelerate (DDP/FSDP-wrapped): what save must gather
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})  # name, coefficients, DPO's reference
+    last: dict[str, float] = field(default_factory=dict)  # preference metrics of the last step and evaluation
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.steps,
-                               "tokens": self.tokens}
+                               "tokens": self.tokens, **self.last}
         if self.eval_loss is not None:
-            out.update(eval_loss=self.eval_loss, eval_perplexity=math.exp(min(self.eval_loss, 50)))
+            out.update(eval_loss=self.eval_loss)
+            if self.objective["name"] == "sft":
+                out.update(eval_perplexity=math.exp(min(self.eval_loss, 50)))
         if self.best_step is not None:
             out.update(best_step=self.best_step, stopped_early=self.stopped_early)
         return out
@@ -58,9 +64,11 @@ def make_accelerator(cfg: TrainConfig, work: Path | None = None) -> Accelerator:
 
 
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Accelerator, out_dir: Path,
-          hparams: dict[str, Any] | None = None) -> TrainResult:
-    """Train `model` in place; `out_dir` (the run's work folder) receives metrics, checkpoints and the profile."""
-    return _Loop(model, data, cfg, accelerator, out_dir, hparams or {}).run()
+          hparams: dict[str, Any] | None = None, start_adapter: str | None = None) -> TrainResult:
+    """Train `model` in place; `out_dir` (the run's work folder) receives metrics, checkpoints and the profile.
+    `start_adapter`: the adapter folder the model's LoRA weights were loaded from (DPO's reference is then that
+    adapter, frozen, instead of the base)."""
+    return _Loop(model, data, cfg, accelerator, out_dir, hparams or {}, start_adapter).run()
 
 
 def total_steps(cfg: TrainConfig, size: int | None, world: int) -> int:
@@ -86,8 +94,25 @@ def setup_model(model: Any, cfg: TrainConfig) -> None:
             model.config.use_cache = False
 
 
+class _Sft:
+    """The SFT objective in the preference objectives' shape (finetune.training.preference): the summed loss over
+    target tokens divided by the step's target tokens."""
+
+    name, size = "sft", 1
+
+    def counts(self, batch: dict[str, Any]) -> list[int]:
+        return [target_count(batch)]
+
+    def loss(self, model: Any, batch: dict[str, Any], totals: list[int], world: int) -> tuple[Any, dict[str, Any]]:
+        return loss_sum(model, batch) * (world / max(totals[0], 1)), {}
+
+    def summary(self, sums: dict[str, float], totals: list[int]) -> dict[str, float]:
+        return {}
+
+
 class _Loop:
-    def __init__(self, model: Any, data: Any, cfg: TrainConfig, acc: Any, work: Path, hparams: dict[str, Any]):
+    def __init__(self, model: Any, data: Any, cfg: TrainConfig, acc: Any, work: Path, hparams: dict[str, Any],
+                 start_adapter: str | None = None):
         import torch
         from transformers import get_scheduler
 
@@ -95,6 +120,11 @@ class _Loop:
         if cfg.eval_every and not data.validation:
             raise FinetuneError("train.eval_every needs validation data: set data.validation (or data.val_size)")
         setup_model(model, cfg)
+        self.preference = make_objective(cfg, start_adapter)
+        self.objective: Preference | _Sft = self.preference or _Sft()
+        if self.preference is not None:
+            self.preference.attach(model)  # before the optimizer collects the trainable parameters
+        self.last: dict[str, float] = {}
         sized = is_sized(data.train)
         self.plan = DataPlan(len(data.train) if sized else None, cfg.seed)
         self.total = total_steps(cfg, self.plan.size, acc.num_processes)
@@ -159,15 +189,16 @@ class _Loop:
     def _step(self, start: float) -> dict[str, Any]:
         rows = step_examples(self.data.train, self.plan, self.stream, self.per_step)
         step = self.state.step + 1
-        loss, tokens = self._optimizer_step_with_oom_retry(rows, step)
+        loss, tokens, extra = self._optimizer_step_with_oom_retry(rows, step)
         s = self.state
         s.step, s.cursor, s.tokens = step, self.plan.cursor, s.tokens + tokens
         s.losses.append(loss)
+        self.last.update(extra)
         elapsed = time.perf_counter() - start
-        return {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": s.tokens,
+        return {"step": step, "loss": loss, **extra, "lr": self.scheduler.get_last_lr()[0], "tokens": s.tokens,
                 "tokens_per_s": round(s.tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
 
-    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int]:
+    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int, dict[str, float]]:
         import torch
 
         while True:
@@ -192,26 +223,28 @@ class _Loop:
         self.acc.print(f"out of memory at step {step}: micro_batch_size -> {s.micro_batch_size}, gradient_accumulation"
                        f" -> {s.gradient_accumulation} (same effective batch); retrying the step")
 
-    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int]:
-        """One optimizer step over this rank's micro-batches; each micro loss is divided by the target tokens of the
-        whole step on all processes, so w processes x k micro-batches of b give the gradient of one batch of w*k*b.
-        DDP averages gradients over processes, hence the factor num_processes."""
+    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int, dict[str, float]]:
+        """One optimizer step over this rank's micro-batches; each micro loss is divided by the target tokens (the
+        objective's counts: pairs for preference losses) of the whole step on all processes, so w processes x k
+        micro-batches of b give the gradient of one batch of w*k*b. DDP averages gradients over processes, hence the
+        factor num_processes."""
         import torch
 
-        acc, s = self.acc, self.state
+        acc, s, objective = self.acc, self.state, self.objective
         micro = [self.data.collator(m) for m in rank_share(rows, s.micro_batch_size, s.gradient_accumulation,
                                                               acc.process_index, acc.num_processes) if m]
-        local = sum(target_count(b) for b in micro)
-        total = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
-        scale = acc.num_processes / max(total, 1)
+        local = torch.tensor([sum(c) for c in zip(*(objective.counts(b) for b in micro), strict=True)] or [0] * objective.size)
+        totals = [int(t) for t in acc.reduce(local.to(acc.device), reduction="sum").tolist()]
         running = torch.zeros((), device=acc.device)
+        sums: dict[str, Any] = {}
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
-                loss = loss_sum(self.model, batch) * scale
+                loss, stats = objective.loss(self.model, batch, totals, acc.num_processes)
             acc.backward(loss)
             running += loss.detach()
+            sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
         mean = float(acc.reduce(running, reduction="sum").item()) / acc.num_processes
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
@@ -223,7 +256,7 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, total
+        return mean, totals[0], objective.summary(reduced_sums(acc, sums), totals)
 
     def _log_due(self) -> bool:
         return self.state.step % self.cfg.log_every == 0 or self.state.step == self.total
@@ -239,9 +272,14 @@ class _Loop:
         return bool(patience and self.state.bad_evals >= patience)
 
     def _record_eval(self, row: dict[str, Any]) -> None:
-        loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc)
+        if self.preference is None:
+            loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc)
+            row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
+        else:
+            loss, extra = evaluate_objective(self.preference, self.inner, self.data, self.state.micro_batch_size, self.acc)
+            row.update(eval_loss=loss, **extra)
+            self.last.update(extra)
         s = self.state
-        row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
         s.evals.append({"step": s.step, "eval_loss": loss})
         if s.best_loss is None or loss < s.best_loss:
             s.best_loss, s.best_step, s.bad_evals = loss, s.step, 0
@@ -274,6 +312,9 @@ class _Loop:
             ckpt.load_trainable(self.inner, self.best)
             self.acc.print(f"keeping the best adapter: step {s.best_step} (eval loss {s.best_loss:.4f})")
         self.log.close()
+        if self.preference is not None:
+            self.preference.detach(self.inner)  # DPO's frozen reference adapter is not part of the result
+            result.objective, result.last = self.preference.describe(), dict(self.last)
         result.steps, result.tokens, result.losses, result.model = s.step, s.tokens, list(s.losses), self.prepared
         result.eval_loss, result.best_step = s.best_loss, s.best_step
         result.seconds = time.perf_counter() - start
@@ -287,11 +328,7 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     import torch
 
     assert data.validation is not None
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if is_sized(data.validation):
-        rows = [data.validation[i] for i in range(rank, len(data.validation), world)]
-    else:
-        rows = [ex for i, ex in enumerate(data.validation) if i % world == rank]
+    rows = validation_share(data.validation, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     _eval_mode(model)
     totals = torch.zeros(2, device=accelerator.device)
@@ -304,22 +341,6 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))
-
-
-def _eval_mode(model: Any) -> None:
-    """model.eval(), except that bitsandbytes 4-bit layers keep training=True on CPU: in eval mode their first no-grad
-    forward repacks the weight in place, and later training forwards misread the packed weight (bnb 0.50: the
-    reloaded adapter's logits then differed by 0.09). The flag changes nothing else in those layers."""
-    model.eval()
-    if next(model.parameters()).device.type != "cpu":
-        return
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.training = True
 
 
 def _peak_memory_mb() -> float:
