@@ -59,7 +59,7 @@ def batch(tiny_lm: Path, tok: Any, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _lora_model(tiny_lm: Path) -> Any:
     """float64 tiny Llama with a random (non-zero) LoRA adapter, so adapter and base differ."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
