@@ -11,8 +11,9 @@ from typing import Any
 from finetune.config import load_config
 from finetune.data.prompting import prompt_of, stop_token_ids
 from finetune.errors import DataError, FinetuneError
-from finetune.evaluation.examples import EvalSet, data_config, load_eval_set
+from finetune.evaluation.examples import EvalSet, Example, data_config, load_eval_set
 from finetune.evaluation.generate import Decoding, decode, encode_prompts, generate
+from finetune.evaluation.preference import encode_pairs, preference_metrics
 from finetune.evaluation.report import write_outputs
 from finetune.evaluation.scoring import (
     classification_metrics,
@@ -125,8 +126,9 @@ class _Run:
         self.model, self.tok, self.info, self.cfg, self.opts = model, tok, info, cfg, opts
 
     def causal(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
-        chat = self.info.chat or any(e.record["kind"] == "chat" for e in eval_set.examples)
-        encoded = encode(eval_set.examples, self.cfg, self.tok, chat, None)
+        chat = self.info.chat or any(_answer(e).record["kind"] == "chat" for e in eval_set.examples)
+        encoded = encode([_answer(e) for e in eval_set.examples], self.cfg, self.tok, chat, None)
+        pairs = encode_pairs(eval_set.examples, self.cfg, self.tok, chat)
         gen = self._generation_setup(eval_set, chat) if eval_set.generative else None
         refs = [str(e.reference) for e in eval_set.examples]
         json_match = (references_are_json(refs) if self.opts.json_match is None else self.opts.json_match) and gen is not None
@@ -134,8 +136,9 @@ class _Run:
         for side in SIDES:
             with _adapter(self.model, side == "adapter"):
                 loss, _ = forward(self.model, self.tok, encoded, self.opts.batch_size)
+                metrics = preference_metrics(self.model, self.tok, pairs, self.opts.batch_size) if pairs else {}
                 outputs, seconds = self._generate(gen) if gen else ([], 0.0)
-            metrics = generation_metrics(outputs, refs, json_match) if gen else {}
+            metrics.update(generation_metrics(outputs, refs, json_match) if gen else {})
             sides[side] = {"metrics": {**metrics, "loss": loss["loss"], "perplexity": loss["perplexity"]},
                            "outputs": outputs, "generate_s": round(seconds, 2)}
         return sides, ({"decoding": gen[1].to_dict()} if gen else {})
@@ -180,6 +183,13 @@ class _Run:
             sides[side]["metrics"].update(general_loss=loss["loss"], general_perplexity=loss["perplexity"])
         extra["general"] = {"path": str(Path(path).resolve()), "rows": len(general.examples), "format": general.format,
                             "fingerprint": general.fingerprint}
+
+
+def _answer(example: Example) -> Example:
+    """The example whose answer the loss and generation score: a preference pair's chosen side."""
+    if example.record["kind"] != "preference":
+        return example
+    return Example(example.record["chosen"], example.where, example.reference)
 
 
 def _default_new_tokens(tok: Any, refs: list[str]) -> int:
