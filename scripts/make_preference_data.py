@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_task_data as task  # noqa: E402  (the task's own generator: templates, pools, system prompt)
 
 SEED = 13
-N_FRESH = 240
-SAMPLES, TEMPERATURE, MAX_NEW_TOKENS, BATCH = 4, 1.0, 48, 16
+N_FRESH = 96
+SAMPLES, TEMPERATURE, MAX_NEW_TOKENS, BATCH = 4, 1.0, 48, 8
 RULE_EVERY = 3
 OUT = task.OUT
 
@@ -147,17 +147,22 @@ def is_miss(output: str, answer: dict) -> bool:
         return True
 
 
-def sample_adapter(adapter: str, items: list[dict]) -> list[list[str]]:
-    """SAMPLES sampled answers per sentence from base + adapter, seeded per batch."""
+def sample_adapter(adapter: str, items: list[dict], cache: Path) -> list[list[str]]:
+    """SAMPLES sampled answers per sentence from base + adapter, seeded per batch. Each batch is appended to `cache`
+    as it is done, so an interrupted run goes on where it stopped (sampling takes a while on a busy CPU)."""
     import torch
 
     from finetune.data.prompting import prompt_ids, stop_token_ids
     from finetune.lifecycle.folder import load_adapter
 
+    key = f"{Path(adapter).resolve()} seed={SEED} T={TEMPERATURE} k={SAMPLES} max={MAX_NEW_TOKENS} batch={BATCH}"
+    done = [json.loads(line) for line in cache.read_text().splitlines()] if cache.is_file() else []
+    out = [d["samples"] for d in done if d["key"] == key]
+    out = out[: len(out) // BATCH * BATCH]  # whole batches only: each batch has its own seed
+    cache.write_text("".join(json.dumps({"key": key, "samples": b}) + "\n" for b in out), encoding="utf-8")
     model, tok, _ = load_adapter(adapter)
     stops = stop_token_ids(tok, model.generation_config)
-    out: list[list[str]] = []
-    for start in range(0, len(items), BATCH):
+    for start in range(len(out), len(items), BATCH):
         prompts = [prompt_ids(tok, pair(i["sentence"], i["answer"], "-", "")["prompt"], chat=True)
                    for i in items[start: start + BATCH]]
         width = max(map(len, prompts))
@@ -169,7 +174,10 @@ def sample_adapter(adapter: str, items: list[dict]) -> list[list[str]]:
                                  top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, num_return_sequences=SAMPLES,
                                  eos_token_id=stops, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-        out += [texts[j: j + SAMPLES] for j in range(0, len(texts), SAMPLES)]
+        batch = [texts[j: j + SAMPLES] for j in range(0, len(texts), SAMPLES)]
+        with cache.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"key": key, "samples": b}) + "\n" for b in batch)
+        out += batch
         print(f"sampled {len(out)}/{len(items)} sentences", file=sys.stderr, flush=True)
     return out
 
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="The quickstart SFT adapter to sample on-policy negatives from.")
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for preference.jsonl and preference_test.jsonl.")
     parser.add_argument("--check", action="store_true", help="Only check the files on disk (no model needed).")
+    parser.add_argument("--cache", type=Path, help="Sampled answers so far, so an interrupted run resumes (default: "
+                        "<adapter's parent>/.work/preference_samples.jsonl).")
     args = parser.parse_args(argv)
     check_disjoint()
     if args.check:
@@ -233,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.adapter:
         parser.error("--adapter is needed to sample on-policy negatives (or use --check)")
     items = fresh_sentences()
-    train = build_train(items, sample_adapter(args.adapter, items))
+    cache = args.cache or Path(args.adapter).parent / ".work" / "preference_samples.jsonl"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    train = build_train(items, sample_adapter(args.adapter, items, cache))
     for name, rows in (("preference.jsonl", train), ("preference_test.jsonl", build_test())):
         (args.out / name).write_text(task.render(rows), encoding="utf-8")
         kinds = {r["source"]: sum(x["source"] == r["source"] for x in rows) for r in rows}
