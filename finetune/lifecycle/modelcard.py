@@ -75,6 +75,9 @@ def _training(info: AdapterInfo) -> str:
         t = info.job.train
         rows += [("steps", t.max_steps), ("learning rate", t.learning_rate), ("micro batch size", t.micro_batch_size),
                  ("precision", t.precision), ("quantization", info.job.lora.quantization)]
+    objective = info.run.get("objective") or {}
+    rows += [("objective", objective.get("name"))] + [(k, v) for k, v in objective.items() if k != "name"]
+    rows += [("started from adapter", info.run.get("started_from"))]
     data = info.run.get("data") or {}
     rows += [("data format", data.get("format")), ("training examples", data.get("examples")),
              ("chat template", data.get("chat_template"))]

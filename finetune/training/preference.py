@@ -103,11 +103,18 @@ class Preference:
 
     def loss(self, model: Any, batch: dict[str, Any], totals: list[int], world: int) -> tuple[Any, dict[str, Any]]:
         """This micro-batch's share of the step loss (times `world`, as DDP averages gradients) and its metric sums."""
+        # The reference forward runs first, so adapters are never switched between a forward and its backward.
+        reference = self.reference_logps(model, batch)
         logps, tokens = sequence_logps(model, batch)
-        per_pair, stats = self.pair_losses(model, batch, logps, tokens)
+        per_pair, stats = self.pair_losses(logps, tokens, reference)
         return per_pair.sum() * (world / max(totals[PAIRS], 1)), stats
 
-    def pair_losses(self, model: Any, batch: dict[str, Any], logps: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+    def reference_logps(self, model: Any, batch: dict[str, Any]) -> Any:
+        """The reference's summed answer log-probabilities, for objectives that have one (DPO)."""
+        return None
+
+    def pair_losses(self, logps: Any, tokens: Any, reference: Any) -> tuple[Any, dict[str, Any]]:
+        """Per-pair losses and metric sums from the per-row log-probs (chosen rows, then rejected rows)."""
         raise NotImplementedError
 
     def summary(self, sums: dict[str, float], totals: list[int]) -> dict[str, float]:
@@ -183,14 +190,9 @@ class Dpo(Preference):
         with self._as_reference(model):
             return sequence_logps(model, batch)[0]
 
-    def loss(self, model: Any, batch: dict[str, Any], totals: list[int], world: int) -> tuple[Any, dict[str, Any]]:
-        # The reference forward runs first, so switching adapters never happens between a forward and its backward.
-        self._ref = self.reference_logps(model, batch)
-        return super().loss(model, batch, totals, world)
-
-    def pair_losses(self, model: Any, batch: dict[str, Any], logps: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+    def pair_losses(self, logps: Any, tokens: Any, reference: Any) -> tuple[Any, dict[str, Any]]:
         chosen, rejected = logps.chunk(2)
-        ref_chosen, ref_rejected = self._ref.chunk(2)
+        ref_chosen, ref_rejected = reference.chunk(2)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
         losses = _sigmoid_loss(chosen_ratio - rejected_ratio, self.beta, self.smoothing)
         return losses, _reward_stats(self.beta * chosen_ratio, self.beta * rejected_ratio, chosen, rejected)
@@ -205,7 +207,7 @@ class SimPO(Preference):
     def __init__(self, beta: float, gamma: float, label_smoothing: float):
         self.beta, self.gamma, self.smoothing = beta, gamma, label_smoothing
 
-    def pair_losses(self, model: Any, batch: dict[str, Any], logps: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+    def pair_losses(self, logps: Any, tokens: Any, reference: Any) -> tuple[Any, dict[str, Any]]:
         chosen, rejected = (logps / tokens.clamp(min=1)).chunk(2)
         losses = _sigmoid_loss(chosen - rejected - self.gamma / self.beta, self.beta, self.smoothing)
         return losses, _reward_stats(self.beta * chosen, self.beta * rejected, chosen, rejected)
