@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -76,10 +77,14 @@ def _sentence(rng: random.Random, pools: dict[str, list[str]], templates: list[s
 
 
 def test_sentences() -> list[dict]:
-    """The test split's sentences with their answers (the distracting number is not recorded there: None)."""
+    """The test split's sentences with their answers; the distracting number is the sentence's other number."""
     rows = [json.loads(line) for line in (OUT / "test.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [{"sentence": r["messages"][1]["content"], "answer": json.loads(r["messages"][2]["content"]), "n": None}
-            for r in rows]
+    out = []
+    for r in rows:
+        sentence, answer = r["messages"][1]["content"], json.loads(r["messages"][2]["content"])
+        others = [int(x) for x in re.findall(r"\d+", sentence) if int(x) != answer["age"]]
+        out.append({"sentence": sentence, "answer": answer, "n": others[0] if others else None})
+    return out
 
 
 def pair(sentence: str, answer: dict, rejected: str, source: str) -> dict:

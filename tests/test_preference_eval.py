@@ -56,3 +56,15 @@ def test_preference_accuracy_and_margin_for_base_and_adapter(report: tuple[dict[
         assert metrics["preference_margin"][side] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
         assert metrics["preference_accuracy"][side] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
     assert [e["reference"] for e in data["examples"]] == [r["chosen"][0]["content"] for r in rows]
+
+
+def test_an_sft_adapter_with_an_explicit_format_is_scored_on_pairs(tiny_lm: Path, tmp_path: Path, write_job) -> None:
+    """The SFT stage before DPO (data.format: chat in its job) evaluated on preference pairs: read as pairs."""
+    rows = [{"messages": p["prompt"] + p["chosen"]} for p in preference_rows(8, chat=True)]
+    job = write_job(tmp_path, tiny_lm, write_jsonl(tmp_path / "sft.jsonl", rows), data={"format": "chat"},
+                    train={"max_steps": 4})
+    assert main(["train", str(job)]) == 0
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(4, chat=True))
+    assert main(["eval", str(tmp_path / "adapters" / "tiny"), "--data", str(pairs), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["data"]["format"] == "preference" and "preference_accuracy" in report["metrics"]

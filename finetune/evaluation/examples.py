@@ -77,7 +77,12 @@ def load_eval_set(value: Sources, cfg: DataConfig, labels: list[str] | None, max
 
 
 def _format(src: Any, first: tuple[dict[str, Any], str]) -> str:
-    return src.format if src.format != "auto" else detect_format(first[0], where=first[1], cols=src.columns)
+    if src.format == "auto":
+        return detect_format(first[0], where=first[1], cols=src.columns)
+    cols = src.columns
+    if src.format != "preference" and first[0].get(cols.chosen) is not None and first[0].get(cols.rejected) is not None:
+        return "preference"  # pairs scoring an adapter trained on another format (e.g. the SFT stage before DPO)
+    return str(src.format)
 
 
 def _example(row: dict[str, Any], fmt: str, src: Any, cfg: DataConfig, labels: list[str] | None, where: str) -> Example:
