@@ -11,7 +11,10 @@ of the test split's), so the held-out test split stays unseen.
 - rule-made hard negatives on every RULE_EVERY-th sentence: a wrong age (the sentence's distracting number when it has
   one), another city, a misspelt name or city, the city in the name slot, the age as a string.
 Held-out pairs (preference_test.jsonl): each of the test split's 100 sentences with one rule-made negative (the kinds
-in turn), for held-out preference accuracy; they need no model.
+in turn), for held-out preference accuracy; they need no model. Held-out misses (preference_test_misses.jsonl): the
+test sentences the SFT adapter gets wrong under greedy decoding, its own output as the rejected answer, read from
+the eval.json of `finetune eval adapters/quickstart --data data/quickstart/test.jsonl` (--misses-from): the pairs
+where the SFT adapter itself prefers a wrong answer, i.e. what the preference stage has to fix.
 
 Every row is TRL's conversational shape ({prompt: [system, user], chosen: [assistant], rejected: [assistant]}) plus
 a `source` column (on-policy, or rule:<kind>) that training ignores. --check regenerates everything made by rule and
@@ -205,6 +208,20 @@ def build_test() -> list[dict]:
     return [p for _, p in rule_pairs(test_sentences(), 1, SEED + 1)]
 
 
+def misses_from(eval_json: Path) -> list[dict]:
+    """Pairs from the SFT adapter's greedy misses in a `finetune eval` report on the test split."""
+    report = json.loads(eval_json.read_text(encoding="utf-8"))
+    answers = {i["sentence"]: i["answer"] for i in test_sentences()}
+    out = []
+    for example in report["examples"]:
+        sentence = example["prompt"][-1]["content"]
+        if sentence not in answers:
+            raise SystemExit(f"{eval_json}: {sentence!r} is not a sentence of the test split")
+        if is_miss(example["adapter"], answers[sentence]):
+            out.append(pair(sentence, answers[sentence], example["adapter"].strip(), "on-policy:greedy"))
+    return out
+
+
 def check_disjoint() -> None:
     _, test_pools = task.make_pools(random.Random(task.SEED))
     for key, fresh in (("first", FRESH_FIRST), ("last", FRESH_LAST), ("city", FRESH_CITIES)):
@@ -236,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="The quickstart SFT adapter to sample on-policy negatives from.")
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for preference.jsonl and preference_test.jsonl.")
     parser.add_argument("--check", action="store_true", help="Only check the files on disk (no model needed).")
+    parser.add_argument("--misses-from", type=Path, metavar="EVAL_JSON",
+                        help="Only write preference_test_misses.jsonl from the SFT adapter's eval.json on the test split.")
     parser.add_argument("--cache", type=Path, help="Sampled answers so far, so an interrupted run resumes (default: "
                         "<adapter's parent>/.work/preference_samples.jsonl).")
     args = parser.parse_args(argv)
@@ -245,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(p, file=sys.stderr)
         return 1 if problems else 0
+    if args.misses_from:
+        rows = misses_from(args.misses_from)
+        (args.out / "preference_test_misses.jsonl").write_text(task.render(rows), encoding="utf-8")
+        print(f"wrote {len(rows)} pairs to {args.out / 'preference_test_misses.jsonl'}")
+        return 0
     if not args.adapter:
         parser.error("--adapter is needed to sample on-policy negatives (or use --check)")
     items = fresh_sentences()

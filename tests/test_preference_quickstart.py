@@ -40,6 +40,16 @@ def test_pairs_are_mostly_on_policy_and_never_touch_the_test_split() -> None:
     assert {r["prompt"][1]["content"] for r in held_out} == test_sentences and len(held_out) == 100
 
 
+def test_held_out_misses_are_real_misses_on_the_test_split() -> None:
+    gen = _generator()
+    answers = {i["sentence"]: i["answer"] for i in gen.test_sentences()}
+    misses = _rows("preference_test_misses.jsonl")
+    assert misses and all(r["source"] == "on-policy:greedy" for r in misses)
+    for row in misses:
+        answer = answers[row["prompt"][1]["content"]]
+        assert row["chosen"][0]["content"] == gen.render(answer) and gen.is_miss(row["rejected"][0]["content"], answer)
+
+
 def test_pairs_load_as_preference_data(tiny_lm: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -47,7 +57,7 @@ def test_pairs_load_as_preference_data(tiny_lm: Path) -> None:
     from finetune.data import build_data
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    for name in ("preference.jsonl", "preference_test.jsonl"):
+    for name in ("preference.jsonl", "preference_test.jsonl", "preference_test_misses.jsonl"):
         bundle = build_data(DataConfig(train=str(DATA / name), max_seq_len=256, cache=False), tok)
         assert bundle.format == "preference" and bundle.stats["bad_rows"] == 0
         assert len(bundle.train) == len(_rows(name)) and bundle.stats["truncated"] == 0
