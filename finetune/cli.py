@@ -4,14 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from finetune import __version__
 from finetune.config.errors import ConfigError
+from finetune.config.redact import redact
 from finetune.errors import FinetuneError
+from finetune.files import cache_root
+
+BUG_EXIT_CODE = 70  # EX_SOFTWARE: an internal error, not the user's input
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # verb -> module exposing HELP, add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, str] = {
@@ -69,10 +76,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in MACHINE_ERRNOS:
+            return report_bug(exc, argv if argv is not None else sys.argv[1:])
+        # The machine, not finetune: a full disk, a read-only or unwritable folder.
+        print(f"error: {exc.strerror}: {exc.filename or 'while writing'}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - anything else is our bug: one line for the user, the rest to a file
+        return report_bug(exc, argv if argv is not None else sys.argv[1:])
     finally:
         # Without this the process can hang on exit under accelerate launch (open gloo groups).
         if "torch" in sys.modules and os.environ.get("FINETUNE_KEEP_PG") is None:
             _destroy_process_group()
+
+
+def report_bug(exc: BaseException, argv: Sequence[str]) -> int:
+    """An exception no stage turned into a user error is a bug in finetune: say so in one line, keep the traceback
+    in a file the user can attach to a report (FINETUNE_DEBUG=1 prints it here instead)."""
+    import datetime
+    import platform
+    import tempfile
+    import traceback
+
+    trace = redact("".join(traceback.format_exception(exc)))
+    if os.environ.get("FINETUNE_DEBUG", "") not in ("", "0"):
+        print(trace, file=sys.stderr, end="")
+        return BUG_EXIT_CODE
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    header = (f"finetune {__version__}, Python {platform.python_version()}, {platform.platform()}\n"
+              f"command: finetune {' '.join(argv)}\n\n")
+    where = "not written"
+    for folder in (cache_root() / "crash-reports", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"finetune-crash-{stamp}-{os.getpid()}.txt"
+            path.write_text(header + trace, encoding="utf-8")
+            where = str(path)
+            break
+        except OSError:
+            continue
+    print(f"error: this is a bug in finetune ({type(exc).__name__}: {_first_line(exc)}); the full traceback is in "
+          f"{where}. Please report it on finetune's issue tracker with that file attached (FINETUNE_DEBUG=1 prints the "
+          "traceback here instead).",
+          file=sys.stderr)
+    return BUG_EXIT_CODE
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no message"
 
 
 def _quiet_third_party() -> None:

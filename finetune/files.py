@@ -73,9 +73,13 @@ def check_replaceable(final: Path, kind: str, overwrite: bool, flag: str = "over
         what = "a file" if not final.is_dir() else "a folder finetune did not write"
         found = output_kind(final) if final.is_dir() else None
         if found:
-            what = f"a {found} output, not a {kind}"
+            what = f"{_a(found)} {found} output, not {_a(kind)} {kind}"
         raise FinetuneError(f"refusing to replace {final.resolve()}: it is {what}. finetune only replaces its own "
                             f"previous {kind} output; choose another location")
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 @contextmanager
@@ -88,13 +92,18 @@ def atomic_dir(final: str | Path, kind: str, overwrite: bool = False, flag: str 
     _remove_stale(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _mark(tmp, kind, complete=False)
     try:
+        tmp.mkdir()
+        _mark(tmp, kind, complete=False)
         yield tmp
         _mark(tmp, kind, complete=True)
         _fix_permissions(tmp)
         _swap_in(tmp, final, kind, overwrite, flag)
+    except Exception as exc:
+        failure = write_failure(exc, tmp, final, kind)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -112,8 +121,44 @@ def atomic_file(final: str | Path, is_ours: Callable[[Path], bool], what: str) -
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
+    except Exception as exc:
+        failure = write_failure(exc, tmp, final, "file")
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_failure(exc: BaseException, tmp: Path, final: Path, what: str) -> FinetuneError | None:
+    """A FinetuneError saying that writing `final` failed for a reason of the machine (disk full, quota, read-only,
+    permissions) and that nothing was written, or None when `exc` is something else. Writers report a full disk in
+    their own words (torch: "unexpected pos", safetensors: "os error 28"), so the free space is checked too."""
+    if isinstance(exc, FinetuneError):
+        return None  # already says what went wrong
+    errno_ = getattr(exc, "errno", None)
+    text = str(exc)
+    reason = None
+    if errno_ in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "os error 28" in text or _nearly_full(tmp):
+        reason = "the disk is full (no space left on device)"
+    elif errno_ == errno.EROFS:
+        reason = "the file system is read-only"
+    elif errno_ in (errno.EACCES, errno.EPERM):
+        reason = f"permission denied ({getattr(exc, 'filename', None) or tmp.parent})"
+    if reason is None:
+        return None
+    state = "the previous one is unchanged" if final.exists() else "nothing is there"
+    return FinetuneError(f"could not write the {what} {final}: {reason}. Nothing was written ({state}); "
+                         "free some space or choose another location, then run the command again")
+
+
+def _nearly_full(path: Path) -> bool:
+    """Less than 1 MiB left on the file system holding `path` (measured before the partial output is removed)."""
+    try:
+        stats = os.statvfs(path if path.exists() else path.parent)
+    except (OSError, AttributeError):
+        return False
+    return stats.f_bavail * stats.f_frsize < 2**20
 
 
 def remove_output(folder: Path, kind: str) -> None:
@@ -124,10 +169,12 @@ def remove_output(folder: Path, kind: str) -> None:
 
 def recover(final: Path) -> None:
     """Finish an overwrite that a crash interrupted between its two renames: put the old output back under its
-    name when the new one never arrived, or drop the set-aside copy when it did."""
+    name when the new one never arrived, or drop the set-aside copy when it did. Temporaries of dead processes for
+    this output are removed too."""
     final = Path(final).absolute()
     if not final.parent.is_dir():
         return
+    _remove_stale(final)
     for old in sorted(final.parent.glob(f".{final.name}.old-*")):
         if output_kind(old) is None:
             continue

@@ -54,7 +54,7 @@ def run_train(cfg: JobConfig) -> Path:
         base = load_base_model(source, cfg.model, cfg.task, cfg.lora.quantization, bundle.labels)
         check_pair(base, tokenizer, source, cfg.task)
         net = wrap_lora(base, cfg.lora, cfg.task, start=cfg.model.adapter)
-    say(param_report(net).describe(cfg.lora.r))
+    say(param_report(net).describe(cfg.lora.r if cfg.lora.enabled else None))
     with _timed(timings, "train_s"):
         result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump(), start_adapter=cfg.model.adapter)
     with _timed(timings, "save_s"):
@@ -62,7 +62,7 @@ def run_train(cfg: JobConfig) -> Path:
         prompt = describe_prompts(cfg.data, bundle.chat)
         request = SaveRequest(cfg, source, info, _probe(bundle), bundle.labels, logs=work, prompt=prompt)
         folder = save_adapter(net if result.model is None else result.model, tokenizer, request, accelerator)
-    say(f"adapter saved and verified: {folder.resolve()}")
+    say(f"{'adapter' if cfg.lora.enabled else 'fully fine-tuned model'} saved and verified: {folder.resolve()}")
     return folder
 
 
@@ -89,6 +89,7 @@ def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: 
         "objective": result.objective,
         "started_from": str(Path(cfg.model.adapter).resolve()) if cfg.model.adapter else None,
         "metrics": result.metrics(),
+        "resumed_from": result.resumed_from,
         "timings": {**timings, "train_s": round(result.seconds, 2), "peak_memory_mb": round(result.peak_memory_mb, 1)},
     }
 

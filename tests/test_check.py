@@ -71,6 +71,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, np.ndarray] | None, dict[str, s
      {"tgi": {"tgi-modules"}}),
     ("local base gone", {"base_model_name_or_path": "/nonexistent/base"}, None, {"peft": {"base-model"}, "llama.cpp": {"base-model"}}),
     ("not lora", {"peft_type": "IA3"}, None, {t: {"lora-only"} for t in TARGETS}),
+    ("nan weights", {}, {**lora_tensors(), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
+                         np.full((32, 8), np.nan, np.float32)}, {t: {"weights-file"} for t in TARGETS}),
 ]
 
 
@@ -126,3 +128,14 @@ def test_cli_prints_one_line_per_problem_and_fails(tmp_path: Path, capsys) -> No
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("]")[0] for line in lines[:-1]] == ["[rank-limit", "[dora"]
     assert all("-> fix:" in line for line in lines[:-1]) and lines[-1].startswith("vllm: 2 problems")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_truncated_weights_fail_every_target(tmp_path: Path, target: str) -> None:
+    """The header of a cut-short file is intact: only reading the tensors' byte ranges shows the damage."""
+    folder = make_adapter(tmp_path / "a")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = check_adapter(folder, target)
+    assert [p.rule for p in result.problems] == ["weights-file"]
+    assert "truncated" in result.problems[0].message

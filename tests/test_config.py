@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -95,14 +94,14 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 def test_cli_typo_fails_fast_without_torch(tmp_path: Path, train_file: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(BASE.format(train=train_file) + "lora:\n  rr: 8\n")
-    probe = "import sys, finetune.cli as c; rc = c.main(['config', 'validate', sys.argv[1]]); " \
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
-    start = time.perf_counter()
+    # "Fast" is asserted by what is imported, not by a clock (timed assertions flake on a loaded machine): the heavy
+    # packages are what makes a command slow to start (torch alone takes seconds).
+    heavy = ("torch", "transformers", "peft", "accelerate", "datasets", "gradio", "numpy")
+    probe = ("import sys, finetune.cli as c; rc = c.main(['config', 'validate', sys.argv[1]]); "
+             f"loaded = [m for m in {heavy!r} if m in sys.modules]; assert not loaded, loaded; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", probe, str(job)], capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - start
     assert out.returncode == 2, out
     assert "lora.rr" in out.stderr and "did you mean 'lora.r'?" in out.stderr
-    assert elapsed < 2.0, f"validation took {elapsed:.2f}s"
 
 
 def test_cli_show_and_schema(tmp_path: Path, train_file: Path) -> None:

@@ -259,7 +259,7 @@ def test_train_streaming_end_to_end_and_needs_max_steps(tmp_path: Path, tiny_lm:
     assert main(["train", str(job)]) == 0
     run = json.loads((tmp_path / "adapters" / "tiny" / "run.json").read_text())
     assert run["data"]["streaming"] is True and run["data"]["examples"] > 0
-    assert main(["train", str(job), "train.max_steps=null", "output.run_name=again"]) == 1
+    assert main(["train", str(job), "train.max_steps=null", "output.run_name=again"]) == 2  # refused by the config check, before any model loads
     assert "max_steps" in capsys.readouterr().err
 
 

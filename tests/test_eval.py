@@ -163,7 +163,8 @@ def test_data_without_the_needed_fields_is_a_clear_error(trained: Path, tmp_path
 
 def test_chat_rows_use_the_last_assistant_message_as_reference(tmp_path):
     from finetune.config.data import DataConfig
-    from finetune.evaluation.examples import load_eval_set, prompt_of
+    from finetune.data.prompting import prompt_of
+    from finetune.evaluation.examples import load_eval_set
     from finetune.testing import chat_rows
 
     path = write_jsonl(tmp_path / "chat.jsonl", chat_rows(3))

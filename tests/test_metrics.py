@@ -25,6 +25,13 @@ CASES = [
     # per class F1 = 2tp / (2tp + fp + fn): class 0 -> 1, class 1 -> 2/3, class 2 -> 2/3
     ("macro_f1", [0, 1, 1, 2], [0, 1, 2, 2], {}, {"macro_f1": 7 / 9}),
     ("macro_f1", [0, 0], [0, 0], {"labels": [0, 1]}, {"macro_f1": 0.5}),  # a class never seen scores 0
+    # precision = tp / predicted, recall = tp / present: class 0 -> 1/1, 1/1; class 1 -> 1/2, 1/1; class 2 -> 1/1, 1/2
+    ("per_class", [0, 1, 1, 2], [0, 1, 2, 2], {"labels": [0, 1, 2]},
+     {"per_class_precision": [1.0, 0.5, 1.0], "per_class_recall": [1.0, 1.0, 0.5], "macro_precision": 2.5 / 3,
+      "macro_recall": 2.5 / 3}),
+    # a class never predicted nor present scores 0 on both and still counts in the macro means
+    ("per_class", [0, 0], [0, 0], {"labels": [0, 1]},
+     {"per_class_precision": [1.0, 0.0], "per_class_recall": [1.0, 0.0], "macro_precision": 0.5, "macro_recall": 0.5}),
     ("confusion_matrix", [0, 1, 1, 2], [0, 1, 2, 2], {"labels": [0, 1, 2]},
      {"confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 1, 1]], "labels": [0, 1, 2]}),
 ]
@@ -40,7 +47,7 @@ def test_metric_matches_hand_computed_value(name, predictions, references, kwarg
 
 
 def test_all_metrics_ship_and_unknown_names_list_them():
-    assert {"exact_match", "json_exact_match", "token_f1", "rouge_l", "chrf", "accuracy", "macro_f1",
+    assert {"exact_match", "json_exact_match", "token_f1", "rouge_l", "chrf", "accuracy", "macro_f1", "per_class",
             "confusion_matrix"} <= set(available())
     with pytest.raises(FinetuneError, match="unknown metric 'bleu'.*accuracy"):
         load_metric("bleu")
@@ -64,3 +71,17 @@ def test_chrf_equals_sacrebleu_when_installed():
     refs = ["the cat is on the mat", "hello there world", '{"name":"Alice"}']
     got = load_metric("chrf").compute(predictions=preds, references=refs)["chrf"]
     assert got == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score / 100, abs=1e-9)
+
+
+def test_per_class_and_macro_recall_equal_scikit_learn_when_installed():
+    metrics = pytest.importorskip("sklearn.metrics")
+    import random
+
+    rng = random.Random(3)
+    refs = [rng.randrange(3) for _ in range(60)]
+    preds = [r if rng.random() < 0.6 else rng.randrange(3) for r in refs]
+    got = load_metric("per_class").compute(predictions=preds, references=refs, labels=[0, 1, 2])
+    precision, recall, _, _ = metrics.precision_recall_fscore_support(refs, preds, labels=[0, 1, 2], zero_division=0)
+    assert got["per_class_precision"] == pytest.approx(list(precision))
+    assert got["per_class_recall"] == pytest.approx(list(recall))
+    assert got["macro_recall"] == pytest.approx(metrics.recall_score(refs, preds, average="macro", zero_division=0))

@@ -71,7 +71,7 @@ def test_dry_run_writes_the_exact_folder_and_it_reloads_with_peft(adapter: Path,
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == EXPECTED
-    assert "would upload 9 files" in printed and "checkpoint-2/" in printed and "tiny-lora-f32.gguf" in printed
+    assert "would upload 10 files" in printed and "checkpoint-2/" in printed and "tiny-lora-f32.gguf" in printed
     assert "eval.json" in printed.split("left out")[1]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-base"
 
@@ -90,8 +90,10 @@ def test_model_card_metadata_and_content(adapter: Path, tmp_path: Path, no_login
     text = (out / "README.md").read_text()
     _, front, body = text.split("---\n", 2)
     meta = yaml.safe_load(front)
+    index = meta.pop("model-index")
     assert meta == {"base_model": "org/tiny-base", "library_name": "peft", "pipeline_tag": "text-generation",
                     "license": "apache-2.0", "tags": ["finetune", "lora", "peft", "transformers"], "datasets": ["org/qa"]}
+    assert index[0]["results"][0]["metrics"] == [{"name": "accuracy", "type": "accuracy", "value": 0.875}]
     assert "| accuracy | 0.25 | 0.875 | 0.625 |" in body and "| LoRA rank r | 4 |" in body and "| train_loss |" in body
     assert "private user data" not in text  # eval examples stay home; only the numbers go in the card
     assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)' in body
@@ -151,5 +153,6 @@ def test_a_token_inside_the_adapter_folder_blocks_the_upload(adapter: Path, tmp_
 
     run = json.loads((adapter / "run.json").read_text())
     (adapter / "run.json").write_text(json.dumps({**run, "note": f"token={'hf_' + 'L3ak' * 9}"}))
-    with pytest.raises(FinetuneError, match="run.json contains what looks like a Hugging Face token"):
+    with pytest.raises(FinetuneError, match="run.json contains a value shaped like a credential"):
         publish(PublishRequest(adapter, "me/x", dry_run=True, out=tmp_path / "hub"))
+    assert not (tmp_path / "hub").exists()  # a refused publish leaves nothing staged

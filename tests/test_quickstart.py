@@ -79,10 +79,14 @@ def test_test_split_shares_no_value_and_no_sentence_pattern_with_train() -> None
 def test_quickstart_config_points_at_the_shipped_data() -> None:
     from finetune.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    # The model folder exists only after the quickstart imported it (not on a fresh clone): files are checked
+    # by the end-to-end test below; this one checks the job's fields.
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", check_files=False)
+    assert (ROOT / cfg.data.train).is_file()
     assert cfg.data.train == "data/quickstart/train.jsonl" and cfg.data.format == "chat"
     assert cfg.train.precision == "auto" and cfg.output.run_name == "quickstart"
-    hub = load_config(ROOT / "configs" / "quickstart.yaml", ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    hub = load_config(ROOT / "configs" / "quickstart.yaml", ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"],
+                      check_files=False)
     assert hub.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct" and hub.model.gguf_file is None
 
 

@@ -11,8 +11,9 @@ from finetune.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = sorted((ROOT / "configs").rglob("*.yaml"))
-JOBS = [p for p in ALL if "accelerate" not in p.parts]
-ACCELERATE = [p for p in ALL if "accelerate" in p.parts]
+HARNESS = [p for p in ALL if p.relative_to(ROOT).parts[1] == "harness"]  # lm-evaluation-harness task files
+ACCELERATE = [p for p in ALL if p.relative_to(ROOT).parts[1] == "accelerate"]
+JOBS = [p for p in ALL if p not in HARNESS and p not in ACCELERATE]
 
 
 def test_there_are_shipped_configs() -> None:
@@ -34,3 +35,14 @@ def test_job_config_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_accelerate_config_parses(path: Path) -> None:
     data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict) and "distributed_type" in data
+
+
+@pytest.mark.parametrize("path", HARNESS, ids=[str(p.relative_to(ROOT)) for p in HARNESS])
+def test_harness_task_loads_its_shipped_data(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lm_eval")
+    from finetune.evaluation.harness import TaskSet
+
+    monkeypatch.chdir(tmp_path)  # data_files resolve against the task file, not the working directory
+    (task,) = TaskSet([str(path)]).load()
+    assert len(task.eval_docs) in (100, 200) and task.has_training_docs()
+    assert path.read_text().splitlines()[0].startswith("# finetune eval "), "first line: the command that runs it"

@@ -173,7 +173,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_lm: Path, tmp_path: Path, mo
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["eval_loss"] for r in rows] == [3.0, 2.0, 2.5, 2.6]
     run = json.loads((folder / "run.json").read_text())["metrics"]
     assert run["best_step"] == 2 and run["stopped_early"] and run["eval_loss"] == 2.0
-    best = torch.load(folder.parent / ".work" / "es" / "checkpoints" / "step-00000002" / "trainable.pt")
+    best = load_file(str(folder.parent / ".work" / "es" / "checkpoints" / "step-00000002" / "trainable.safetensors"))
     saved = load_file(str(folder / "adapter_model.safetensors"))
     for name, value in best.items():  # peft drops the adapter name when saving
         assert torch.equal(saved[name.replace(".default", "")], value), name
@@ -267,6 +267,7 @@ def test_classification_trains_the_head_with_lora(tiny_encoder: Path, tmp_path: 
     cfg = TrainConfig(max_steps=30, micro_batch_size=8, learning_rate=2e-2, precision="fp32", warmup_ratio=0)
     result = train.train(net, bundle, cfg, train.make_accelerator(cfg), tmp_path / "work")
     assert result.losses[-1] < 0.2 < result.losses[0]
+    assert result.metrics()["examples"] == 30 * 8 and "tokens" not in result.metrics()  # one label per example
     assert any(not torch.equal(p, dict(net.named_parameters())[n]) for n, p in head.items())
     batch = bundle.collator(bundle.train)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.files import is_hidden, recover
 
 HELP = "List the adapters under adapters/ (name, base, task, rank, size, key metric, created)."
 COLUMNS = ("name", "base", "task", "rank", "size", "key metric", "created")
@@ -25,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise FinetuneError(f"adapters folder not found: {root.resolve()} (train one with `finetune train JOB.yaml`, or pass --dir)")
-    rows = [adapter_row(p) for p in sorted(root.iterdir()) if _is_output(p)]
+    recover_all(root)
+    rows = [adapter_row(p) for p in sorted(root.iterdir()) if not is_hidden(p) and _is_output(p)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -33,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows))
     return 0
+
+
+def recover_all(root: Path) -> None:
+    """Put back adapters whose overwrite a crash interrupted (finetune.files.recover), before listing."""
+    for old in root.glob(".*.old-*"):
+        recover(root / old.name[1:].rsplit(".old-", 1)[0])
 
 
 def _is_output(folder: Path) -> bool:

@@ -61,7 +61,7 @@ def load_app_module() -> ModuleType:
 
 
 def read_auth(path: Path | None, env_value: str | None) -> list[tuple[str, str]] | None:
-    lines = path.read_text(encoding="utf-8").splitlines() if path else [env_value] if env_value else []
+    lines = _auth_lines(path) if path else [env_value] if env_value else []
     pairs = []
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -76,7 +76,29 @@ def read_auth(path: Path | None, env_value: str | None) -> list[tuple[str, str]]
     return pairs or None
 
 
+def _auth_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "not found"
+        raise FinetuneError(f"--auth-file {path}: {what} (looked for {path.resolve()}); give a file of user:password "
+                            f"lines, or set {AUTH_ENV}=user:password")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FinetuneError(f"--auth-file {path}: not a UTF-8 text file of user:password lines") from None
+    except OSError as exc:
+        raise FinetuneError(f"--auth-file {path}: cannot read it ({exc.strerror})") from None
+
+
+# Upper bounds that keep one request from holding the machine: far above any real use.
+UPPER = {"max_prompt_tokens": 1_048_576, "max_new_tokens": 1_048_576, "concurrency": 256, "queue_size": 100_000}
+
+
 def _check_limits(args: argparse.Namespace) -> None:
-    for flag in ("max_prompt_tokens", "max_new_tokens", "concurrency", "queue_size"):
-        if getattr(args, flag) < 1:
-            raise FinetuneError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, upper in UPPER.items():
+        value = getattr(args, flag)
+        if value < 1:
+            raise FinetuneError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        if value > upper:
+            raise FinetuneError(f"--{flag.replace('_', '-')} must be at most {upper:,}, got {value}")
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise FinetuneError(f"--port must be between 1 and 65535, got {args.port}")

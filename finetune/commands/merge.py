@@ -12,7 +12,8 @@ HELP = "Merge an adapter into its base (float32, cast at the end), save it, and 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="Adapter folder written by `finetune train` (or any peft LoRA folder).")
     parser.add_argument("--out", required=True, help="Folder for the merged model (must not exist unless --overwrite).")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="Dtype of the saved weights.")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="Dtype of the saved weights (default: bf16). The merge itself always runs in float32.")
     parser.add_argument("--base", default=None, help="Use this base checkpoint (e.g. a local copy) instead of the recorded one.")
     parser.add_argument("--prompt", action="append", default=None, help="A verification prompt (repeatable).")
     parser.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard, e.g. 500MB.")

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config.base import Section
+from finetune.config.base import Section, conflict
 
 Format = Literal["auto", "text", "prompt_completion", "instruction", "chat", "classification", "preference"]
 
@@ -66,7 +66,7 @@ class DataConfig(Section):
         "text -> text, chosen+rejected (with or without prompt) -> preference. The detected format is printed.",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column names, when they differ.")
-    max_seq_len: int = Field(default=1024, ge=8, description="Longest example in tokens (and packed row length).")
+    max_seq_len: int = Field(default=1024, ge=8, le=1_048_576, description="Longest example in tokens (and packed row length).")
     overlong: Literal["truncate", "drop"] = Field(
         default="truncate", description="What to do with examples longer than max_seq_len; counts are reported."
     )
@@ -100,7 +100,7 @@ class DataConfig(Section):
         default=False,
         description="Read and tokenize lazily while training (memory stays flat); needs train.max_steps.",
     )
-    shuffle_buffer: int = Field(default=1000, ge=1, description="Shuffle buffer (examples) when streaming.")
+    shuffle_buffer: int = Field(default=1000, ge=1, le=10_000_000, description="Shuffle buffer (examples) when streaming.")
     on_bad_rows: Literal["error", "skip"] = Field(
         default="error", description="A malformed line or row: stop with its file and line, or skip and count it."
     )
@@ -112,3 +112,13 @@ class DataConfig(Section):
     cache_dir: str | None = Field(
         default=None, description="Where the cache lives; default $FINETUNE_CACHE/data or ~/.cache/finetune/data."
     )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.val_size is not None and self.validation is not None:
+            raise conflict("val_size", "set either data.validation (files) or data.val_size (a hold-out of the "
+                           "training rows), not both", "remove one of the two")
+        if self.val_size is not None and self.val_size >= 1 and self.val_size != int(self.val_size):
+            raise conflict("val_size", f"{self.val_size} is neither a share below 1 nor a whole number of rows",
+                           "e.g. data.val_size=0.1 (10% of the rows) or data.val_size=200 (200 rows)")
+        return self

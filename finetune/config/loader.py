@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from finetune.config.base import CROSS_FIELD
+from finetune.config.environment import environment_problems
 from finetune.config.errors import ConfigError, ConfigProblem
 from finetune.config.job import JobConfig
 
@@ -31,9 +33,22 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
 
     check_files=False skips the data-file existence check (for reading the config saved with an adapter)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(str(path), [ConfigProblem("", f"{path.resolve()} is a folder; give the job YAML file")])
     if not path.is_file():
         raise ConfigError(str(path), [ConfigProblem("", f"config file not found: {path.resolve()}")])
-    return load_config_text(path.read_text(encoding="utf-8"), str(path), overrides, check_files)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), [ConfigProblem(
+            "", f"not a text file: byte {data[exc.start]:#04x} at offset {exc.start} is not UTF-8", line,
+            "give the job YAML (a UTF-8 text file), e.g. configs/tiny.yaml")]) from None
+    if "\x00" in text:
+        raise ConfigError(str(path), [ConfigProblem("", "not a text file: it contains NUL bytes", 1,
+                                                    "give the job YAML (a UTF-8 text file), e.g. configs/tiny.yaml")])
+    return load_config_text(text, str(path), overrides, check_files)
 
 
 def load_config_text(
@@ -50,7 +65,8 @@ def load_config_text(
     if not isinstance(raw, dict):
         raise ConfigError(source, [ConfigProblem("", f"expected a mapping of sections, got {type(raw).__name__}", 1)])
     lines = _line_index(node)
-    problems = [p for o in overrides for p in _apply_override(raw, o)]
+    problems = _duplicate_keys(node)
+    problems += [p for o in overrides for p in _apply_override(raw, o)]
     cfg = None
     try:
         cfg = JobConfig.model_validate(raw)
@@ -58,6 +74,8 @@ def load_config_text(
         problems += [_problem_from_pydantic(e, lines) for e in exc.errors()]
     if check_files:
         problems += _missing_files(raw, lines)
+        if cfg is not None:
+            problems += environment_problems(cfg, lines)
     if problems:
         raise ConfigError(source, problems)
     assert cfg is not None
@@ -97,6 +115,12 @@ def _problem_from_pydantic(err: Any, lines: dict[str, int]) -> ConfigProblem:
         return ConfigProblem(dotted, msg, line, hint)
     if kind == "missing":
         return ConfigProblem(dotted, "required field is missing", line, f"add '{loc[-1]}:' to the config")
+    if kind == CROSS_FIELD:
+        ctx = err.get("ctx") or {}
+        where = [*loc, *str(ctx.get("field", "")).split(".")]
+        candidates = [where] + [[*loc, *o.split(".")] for o in str(ctx.get("others", "")).split(",") if o]
+        line = next((lines[".".join(c)] for c in candidates if ".".join(c) in lines), None) or _nearest_line(lines, where)
+        return ConfigProblem(".".join(p for p in where if p), err["msg"], line, ctx.get("hint") or None)
     hint = None
     if kind == "literal_error":
         options = re.findall(r"'([^']*)'", err["msg"])
@@ -131,6 +155,26 @@ def _missing_files(raw: dict[str, Any], lines: dict[str, int]) -> list[ConfigPro
                     "paths are relative to the directory you run finetune from",
                 )
             )
+    return problems
+
+
+def _duplicate_keys(node: yaml.Node | None, prefix: str = "") -> list[ConfigProblem]:
+    """YAML keeps the last of two equal keys without a word; the first one's value would be silently ignored."""
+    problems: list[ConfigProblem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            dotted = f"{prefix}.{key}" if prefix else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(ConfigProblem(dotted, f"key given twice (lines {seen[key]} and {line}); only the "
+                                              "last value would be used", line, "keep one of them"))
+            seen[key] = line
+            problems += _duplicate_keys(value_node, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{prefix}.{i}")
     return problems
 
 

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from finetune.config.base import Section
+from finetune.config.base import Section, conflict
 from finetune.config.preference import PreferenceConfig
 
 
@@ -19,10 +19,10 @@ class TrainConfig(Section):
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Coefficients of dpo / orpo / simpo (paper defaults)."
     )
-    epochs: float = Field(default=1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
-    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to run; overrides epochs.")
-    micro_batch_size: int = Field(default=4, ge=1, description="Examples per forward pass on each process.")
-    gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(default=1, gt=0, le=10_000, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(default=None, ge=1, le=100_000_000, description="Optimizer steps to run; overrides epochs.")
+    micro_batch_size: int = Field(default=4, ge=1, le=65_536, description="Examples per forward pass on each process.")
+    gradient_accumulation: int = Field(default=1, ge=1, le=65_536, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate of AdamW.")
     schedule: Literal["linear", "cosine", "constant"] = Field(default="cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps spent warming up linearly.")
@@ -32,7 +32,6 @@ class TrainConfig(Section):
         default="auto", description="Autocast precision. auto: bf16 where the hardware supports it, else fp32."
     )
     log_every: int = Field(default=1, ge=1, description="Write a metrics line every N optimizer steps.")
-    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
 
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute."
@@ -63,7 +62,7 @@ class TrainConfig(Section):
     )
     plot: bool = Field(default=True, description="Write loss.png (train and eval loss) into the adapter folder.")
     profile_steps: int = Field(
-        default=0, ge=0, description="Profile this many optimizer steps with torch.profiler; writes profile.txt."
+        default=0, ge=0, le=10_000, description="Profile this many optimizer steps with torch.profiler; writes profile.txt."
     )
     oom_retry: bool = Field(
         default=True,
@@ -74,5 +73,6 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _patience_needs_eval(self) -> "TrainConfig":
         if self.early_stopping_patience and not self.eval_every:
-            raise ValueError("early_stopping_patience needs eval_every (how often to evaluate), e.g. train.eval_every=100")
+            raise conflict("early_stopping_patience", "early stopping needs evaluations, but train.eval_every is not "
+                           "set", "set how often to evaluate, e.g. train.eval_every=100")
         return self

@@ -47,12 +47,20 @@ class ChatEncoder:
     def encode(self, convs: list[Messages], wheres: list[str]) -> list[Example]:
         if not self.fast:
             return [self.exact(m, w) for m, w in zip(convs, wheres, strict=True)]
-        out = self._fast(convs, wheres)
+        try:
+            out = self._fast(convs, wheres)
+        except Exception:  # noqa: BLE001 - a row the template refuses: the exact path names it
+            return [self.exact(m, w) for m, w in zip(convs, wheres, strict=True)]
         self._prove(convs, wheres, out)
         return out
 
     def exact(self, messages: Messages, where: str) -> Example:
-        ids = chat_ids(self.tok, messages)
+        try:
+            ids = chat_ids(self.tok, messages)
+        except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, or a template's own raise_exception()
+            raise DataError(f"{where}: the chat template cannot render this conversation ({type(exc).__name__}: "
+                            f"{exc}); fix the row (e.g. roles that alternate user/assistant), or set "
+                            "model.chat_template to a template that accepts it") from None
         if self.train_on == "all":
             return {"input_ids": ids, "labels": list(ids)}
         labels = [IGNORE] * len(ids)

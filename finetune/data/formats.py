@@ -26,7 +26,22 @@ class MissingField(DataError):
 def detect_format(row: dict[str, Any], where: str, cols: ColumnsConfig | None = None) -> str:
     """First match wins; the order puts the most specific shapes first."""
     cols = cols or ColumnsConfig()
-    has = {k for k, v in row.items() if v is not None}
+    # Columns with values decide first; a column that is there but null (completion: null) still tells the format,
+    # so the row is then refused for its null field rather than for an unknown format.
+    for has in ({k for k, v in row.items() if v is not None}, set(row)):
+        found = _format_of(has, cols)
+        if found:
+            return found
+    raise DataError(
+        f"{where}: cannot tell the data format from the columns {sorted(row)}. Expected one of: "
+        f"'{cols.messages}' or '{cols.conversations}' (chat), '{cols.prompt}'+'{cols.completion}' (prompt_completion), "
+        f"'{cols.instruction}'+'{cols.output}' (instruction), '{cols.text}'+'{cols.label}' (classification), "
+        f"'{cols.text}' (text), '{cols.chosen}'+'{cols.rejected}' (preference). Set data.format and data.columns to "
+        "match your columns."
+    )
+
+
+def _format_of(has: set[str], cols: ColumnsConfig) -> str | None:
     if cols.chosen in has and cols.rejected in has:
         return "preference"
     if cols.messages in has or cols.conversations in has:
@@ -39,16 +54,13 @@ def detect_format(row: dict[str, Any], where: str, cols: ColumnsConfig | None = 
         return "classification"
     if cols.text in has:
         return "text"
-    raise DataError(
-        f"{where}: cannot tell the data format from the columns {sorted(row)}. Expected one of: "
-        f"'{cols.messages}' or '{cols.conversations}' (chat), '{cols.prompt}'+'{cols.completion}' (prompt_completion), "
-        f"'{cols.instruction}'+'{cols.output}' (instruction), '{cols.text}'+'{cols.label}' (classification), "
-        f"'{cols.text}' (text), '{cols.chosen}'+'{cols.rejected}' (preference). Set data.format and data.columns to match your columns."
-    )
+    return None
 
 
 def field(row: dict[str, Any], name: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
     value = row.get(name)
+    if value is None and name in row:
+        raise MissingField(f"{where}: field '{name}' is null; give it a value (or leave the row out)")
     if value is None:
         raise MissingField(f"{where}: missing field '{name}'; the row has columns {sorted(row)} (map yours with data.columns)")
     if not isinstance(value, kind):
@@ -92,13 +104,20 @@ def _chat(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None)
         messages.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" for m in messages):
         raise MissingField(f"{where}: the conversation has no assistant turn, so nothing would be trained")
+    first = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first != "user":
+        raise MissingField(f"{where}: the conversation starts with a{'n' if first == 'assistant' else ''} {first} "
+                           "turn; after any system message the first turn must be the user's (the prompt the "
+                           "model answers)")
     return {"kind": "chat", "messages": messages}
 
 
 def _openai_message(m: Any, where: str, i: int) -> dict[str, Any]:
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise MissingField(f"{where}: message {i} should be an object with 'role' and 'content', got {str(m)[:80]!r}")
-    return m
+    if not isinstance(m["role"], str):
+        raise MissingField(f"{where}: message {i} has role {m['role']!r}; expected a name such as user or assistant")
+    return {**m, "content": _text_content(m["content"], where, f"message {i} ({m['role']})", "content")}
 
 
 def _sharegpt_message(m: Any, where: str, i: int) -> dict[str, Any]:
@@ -107,7 +126,19 @@ def _sharegpt_message(m: Any, where: str, i: int) -> dict[str, Any]:
     role = SHAREGPT_ROLES.get(str(m["from"]).lower())
     if role is None:
         raise MissingField(f"{where}: turn {i} has an unknown speaker 'from': {m['from']!r}; known: {sorted(SHAREGPT_ROLES)}")
-    return {"role": role, "content": m["value"]}
+    return {"role": role, "content": _text_content(m["value"], where, f"turn {i} ({m['from']})", "value")}
+
+
+def _text_content(value: Any, where: str, what: str, key: str) -> str:
+    """A message's text; OpenAI's list of text parts is joined. Anything else (null, a number) is a bad row, since
+    chat templates concatenate it as a string."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                       for p in value):
+        return "".join(p["text"] for p in value)
+    shown = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+    raise MissingField(f"{where}: {what} has '{key}': {shown}; expected text")
 
 
 def _classification(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:

@@ -95,24 +95,47 @@ def source_fingerprint(src: SourceConfig) -> str:
     return h.hexdigest()
 
 
-def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Row]:
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _lines(p: Path, bad: BadRows, blank_bad: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file; a line that is not UTF-8 is a bad row, not a crash (reported,
+    then skipped, or given as an empty line when `blank_bad`, so a CSV reader keeps counting lines right)."""
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.report(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM at the start is no content
+            except UnicodeDecodeError as exc:
+                bad.report(f"{p}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                           "save the file as UTF-8")
+                if blank_bad:
+                    yield lineno, "\n"
                 continue
-            if not isinstance(row, dict):
-                bad.report(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-                continue
-            yield row, f"{p}:{lineno}"
+            yield lineno, text
+
+
+def _read_jsonl(p: Path, bad: BadRows) -> Iterator[Row]:
+    for lineno, line in _lines(p, bad):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.report(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(row, dict):
+            bad.report(f"{p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            continue
+        yield row, f"{p}:{lineno}"
 
 
 def _read_json(p: Path, bad: BadRows) -> Iterator[Row]:
-    text = p.read_text(encoding="utf-8")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if raw.lstrip().startswith(b"{") and b"\n" in raw.strip():  # JSON lines saved as .json: skip the bad line
+            yield from _read_jsonl(p, bad)
+            return
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -132,40 +155,57 @@ def _read_json(p: Path, bad: BadRows) -> Iterator[Row]:
 
 
 def _read_csv(p: Path, bad: BadRows) -> Iterator[Row]:
-    with p.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
-        for row in reader:
-            if None in row:  # more cells than header columns
-                bad.report(f"{p}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells for {len(row) - 1} columns")
-                continue
-            yield dict(row), f"{p}:{reader.line_num}"
+    lines = (text for _, text in _lines(p, bad, blank_bad=True))
+    reader = csv.DictReader(lines, delimiter="\t" if p.suffix == ".tsv" else ",")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{p}:{reader.line_num}: not readable as CSV ({exc})") from None
+        columns = len(reader.fieldnames or [])
+        if None in row:  # more cells than header columns
+            bad.report(f"{p}:{reader.line_num}: {columns + len(row[None])} cells for {columns} columns")
+            continue
+        if None in row.values():  # fewer cells: DictReader fills the missing ones with None
+            cells = sum(v is not None for v in row.values())
+            bad.report(f"{p}:{reader.line_num}: {cells} cell{'s' if cells != 1 else ''} for {columns} columns "
+                       f"({', '.join(reader.fieldnames or [])})")
+            continue
+        yield dict(row), f"{p}:{reader.line_num}"
 
 
 def _read_parquet(p: Path, bad: BadRows) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     n = 0
-    for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield row, f"{p}: row {n}"
+    try:
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield row, f"{p}: row {n}"
+    except (pa.ArrowException, OSError) as exc:
+        after = f" after row {n}" if n else ""
+        bad.report(f"{p}: cannot read the parquet file{after} (corrupt or not parquet: {exc})")
 
 
 def _read_txt(p: Path, bad: BadRows) -> Iterator[Row]:
     """One row per block of text separated by blank lines (a paragraph or a document)."""
-    with p.open(encoding="utf-8") as f:
-        block: list[str] = []
-        start = 1
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                if not block:
-                    start = lineno
-                block.append(line)
-            elif block:
-                yield {"text": "".join(block).rstrip("\n")}, f"{p}:{start}"
-                block = []
-        if block:
+    block: list[str] = []
+    start = 1
+    for lineno, line in _lines(p, bad):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
             yield {"text": "".join(block).rstrip("\n")}, f"{p}:{start}"
+            block = []
+    if block:
+        yield {"text": "".join(block).rstrip("\n")}, f"{p}:{start}"
 
 
 READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,

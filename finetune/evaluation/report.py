@@ -4,9 +4,11 @@ adapter), and the short table printed in the terminal."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.evaluation.harness import rows as harness_rows
 from finetune.evaluation.plot import bar_chart
 
 JSON_NAME, MD_NAME, PNG_NAME = "eval.json", "eval.md", "eval.png"
@@ -33,32 +35,83 @@ def verdict(m: dict[str, Any]) -> str:
 
 
 def terminal_table(report: dict[str, Any]) -> str:
-    rows = [("metric", "base", "adapter", "delta", "")]
-    rows += [(n, _fmt(m["base"]), _fmt(m["adapter"]), _fmt(m["delta"], signed=True), verdict(m)) for n, m in scalar_metrics(report)]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    name, out = Path(report["adapter"]).name, []
+    data = report["data"]
+    if data is not None:
+        rows = [(n, _fmt(m["base"]), _fmt(m["adapter"]), _fmt(m["delta"], signed=True), verdict(m)) for n, m in scalar_metrics(report)]
+        out.append(f"{name} vs base on {data['evaluated']} examples of {Path(data['path']).name}\n"
+                   + _table(("metric", "base", _side(report), "delta", ""), rows))
+    if "harness" in report:
+        h = report["harness"]
+        rows = [(f"{task} {metric}", _pm(m["base"], m["base_stderr"]), _pm(m["adapter"], m["adapter_stderr"]),
+                 _fmt(m["delta"], signed=True), verdict(m)) for task, metric, m in harness_rows(h)]
+        out.append(f"{name} vs base on lm-evaluation-harness ({_harness_settings(h)})\n"
+                   + _table(("task metric", "base", "adapter", "delta", ""), rows))
+    return "\n\n".join(out)
+
+
+def _side(report: dict[str, Any]) -> str:
+    """The fine-tuned side's column name: an adapter, or a whole model from full fine-tuning."""
+    return "fine-tuned" if report.get("kind") == "fully fine-tuned model" else "adapter"
+
+
+def _table(head: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> str:
+    rows = [head, *body]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
              for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    data = report["data"]
-    head = f"{Path(report['adapter']).name} vs base on {data['evaluated']} examples of {Path(data['path']).name}"
-    return head + "\n" + "\n".join(lines)
+    return "\n".join(lines)
 
 
 def markdown(report: dict[str, Any]) -> str:
-    parts = [_header(report), _metrics_md(report)]
-    if "confusion_matrix" in report["metrics"]:
-        parts.append(_confusion_md(report))
-    parts.append(_examples_md(report))
+    parts = [_header(report)]
+    if report["data"] is not None:
+        parts.append(_metrics_md(report))
+        if "per_class_recall" in report["metrics"]:
+            parts.append(_per_class_md(report))
+        if "confusion_matrix" in report["metrics"]:
+            parts.append(_confusion_md(report))
+    if "harness" in report:
+        parts.append(harness_md(report["harness"]))
+    if report["data"] is not None:
+        parts.append(_examples_md(report))
     parts.append(f"![base vs adapter]({PNG_NAME})\n")
     return "\n".join(parts)
+
+
+def harness_md(h: dict[str, Any], heading: str = "##") -> str:
+    """The harness results as a Markdown table (also used by the model card)."""
+    lines = [f"{heading} lm-evaluation-harness", "", f"Settings, identical on both sides: {_harness_settings(h)}. "
+             f"Base: {h['how_base']}.", "", "| task | metric | base | adapter | delta | |", "|---|---|---:|---:|---:|---|"]
+    lines += [f"| {task} | {metric} ({'lower' if m['better'] == 'lower' else 'higher'} is better) | "
+              f"{_pm(m['base'], m['base_stderr'])} | {_pm(m['adapter'], m['adapter_stderr'])} | "
+              f"{_fmt(m['delta'], True)} | {verdict(m)} |" for task, metric, m in harness_rows(h)]
+    return "\n".join(lines) + "\n"
+
+
+def _harness_settings(h: dict[str, Any]) -> str:
+    s = h["settings"]
+    shots = "each task's default few-shot" if s["num_fewshot"] is None else f"{s['num_fewshot']}-shot"
+    chat = ("chat template on" + (", recorded system prompt" if s["system_instruction"] else "")
+            + (", few-shot as multi-turn" if s["fewshot_as_multiturn"] else "")) if s["apply_chat_template"] else "chat template off"
+    limit = f"limit {s['limit']} per task" if s["limit"] is not None else "all examples"
+    return f"{chat}; {shots}; {limit}; batch {s['batch_size']}"
+
+
+def _pm(value: float, stderr: float | None) -> str:
+    return _fmt(value) + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
 def _header(report: dict[str, Any]) -> str:
     data = report["data"]
     lines = [f"# Evaluation of `{Path(report['adapter']).name}`", "",
-             f"- adapter: `{report['adapter']}`", f"- base model: `{report['base_model']}`",
-             f"- data: `{data['path']}` ({data['format']}, {data['evaluated']} of {data['rows_total']} rows, "
-             f"fingerprint `{data['fingerprint']}`)"]
+             f"- {report.get('kind', 'adapter')}: `{report['adapter']}`", f"- base model: `{report['base_model']}`"]
+    if data is not None:
+        lines.append(f"- data: `{data['path']}` ({data['format']}, {data['evaluated']} of {data['rows_total']} rows, "
+                     f"fingerprint `{data['fingerprint']}`)")
+    else:
+        lines.append("- task data: none given (no --data and no data.validation): harness tasks only")
     if "decoding" in report:
         d = report["decoding"]
         lines.append(f"- decoding: {d['strategy']}, up to {d['max_new_tokens']} new tokens, batch {d['batch_size']}, "
@@ -73,11 +126,21 @@ def _header(report: dict[str, Any]) -> str:
 
 
 def _metrics_md(report: dict[str, Any]) -> str:
-    lines = ["## Metrics", "", "| metric | base | adapter | delta | |", "|---|---:|---:|---:|---|"]
+    lines = ["## Metrics", "", f"| metric | base | {_side(report)} | delta | |", "|---|---:|---:|---:|---|"]
     for name, m in scalar_metrics(report):
         arrow = "lower is better" if m["better"] == "lower" else "higher is better"
         lines.append(f"| {name} ({arrow}) | {_fmt(m['base'])} | {_fmt(m['adapter'])} | {_fmt(m['delta'], True)} | {verdict(m)} |")
     return "\n".join(lines) + "\n"
+
+
+def _per_class_md(report: dict[str, Any]) -> str:
+    labels, m = report.get("labels", []), report["metrics"]
+    out = ["## Per class", "", "| class | precision base | precision adapter | recall base | recall adapter |",
+           "|---|---:|---:|---:|---:|"]
+    for i, label in enumerate(labels):
+        cells = [m[name][side][i] for name in ("per_class_precision", "per_class_recall") for side in ("base", "adapter")]
+        out.append(f"| {_cell(label)} | " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _confusion_md(report: dict[str, Any]) -> str:

@@ -1,9 +1,13 @@
 """`finetune eval`: the base model and the adapter on the same examples, the same prompts and the same greedy
-decoding; one PeftModel serves both (`disable_adapter()` gives the base), so nothing but the adapter differs."""
+decoding; one PeftModel serves both (`disable_adapter()` gives the base), so nothing but the adapter differs. A fully
+fine-tuned folder is compared with its base loaded beside it. `--harness` adds lm-evaluation-harness tasks
+(evaluation/harness.py) run the same way on both sides."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ from finetune.data.prompting import prompt_of, stop_token_ids
 from finetune.errors import DataError, FinetuneError
 from finetune.evaluation.examples import EvalSet, Example, data_config, load_eval_set
 from finetune.evaluation.generate import Decoding, decode, encode_prompts, generate
+from finetune.evaluation.harness import HarnessOptions, TaskSet, prompt_settings, run_harness
 from finetune.evaluation.preference import encode_pairs, preference_metrics
 from finetune.evaluation.report import write_outputs
 from finetune.evaluation.scoring import (
@@ -23,7 +28,8 @@ from finetune.evaluation.scoring import (
     references_are_json,
 )
 from finetune.lifecycle import runinfo
-from finetune.lifecycle.folder import base_source, load_adapter, read_adapter
+from finetune.lifecycle.folder import AdapterInfo, base_source, load_adapter, load_base, read_adapter
+from finetune.lifecycle.modelcard import write_card
 
 SIDES = ("base", "adapter")
 LOWER_IS_BETTER = {"loss", "perplexity", "general_loss", "general_perplexity"}
@@ -41,6 +47,7 @@ class EvalOptions:
     max_new_tokens: int | None = None  # default: longest reference + 16 tokens
     batch_size: int = 8
     json_match: bool | None = None  # None: when every reference is JSON
+    harness: HarnessOptions | None = None  # lm-evaluation-harness tasks on both sides
 
 
 @dataclass
@@ -52,24 +59,75 @@ class EvalResult:
 
 def run_eval(opts: EvalOptions) -> EvalResult:
     info = read_adapter(adapter_folder(opts.adapter))
-    value = data_value(opts, info)
-    # Truncate, never drop: every example must keep its place so base and adapter outputs line up.
+    tasks = _harness_tasks(info, opts)  # task files and datasets checked before any weight loads
+    value = data_value(opts, info, optional=tasks is not None)
     cfg = data_config(info.job.data if info.job else None, str(value)).model_copy(update={"overlong": "truncate"})
-    eval_set = load_eval_set(value, cfg, info.run.get("labels"), opts.max_samples)
-    _check_task(info, eval_set)
+    # Truncate, never drop: every example must keep its place so base and adapter outputs line up.
+    eval_set = load_eval_set(value, cfg, info.run.get("labels"), opts.max_samples) if value else None
+    if eval_set is not None:
+        _check_task(info, eval_set)
     source, _ = base_source(info, opts.base)
-    _seed()
-    model, tok, info = load_adapter(info.folder, opts.base)  # checks the adapter fits the base before loading it
-    model = _to_device(model)
+    sides, tok, info = load_sides(info, opts.base)
     started = time.perf_counter()
-    run = _Run(model, tok, info, cfg, opts)
-    sides, extra = run.classification(eval_set) if info.task == "classification" else run.causal(eval_set)
+    run = _Run(sides, tok, info, cfg, opts)
+    results, extra = run.task_data(eval_set) if eval_set is not None else ({}, {})
     if opts.general:
-        run.general(opts.general, sides, extra)
-    report = _report(info, source.ref, eval_set, opts, sides, extra, time.perf_counter() - started)
+        run.general(opts.general, results, extra)
+    if tasks is not None and opts.harness is not None:
+        prompt = prompt_settings(info.prompt.chat_template, info.prompt.system_prompt)
+        extra["harness"] = run_harness(sides.use, tok, tasks, opts.harness, prompt, sides.how_base)
+    report = _report(info, source.ref, eval_set, opts, results, extra, time.perf_counter() - started)
 
     out_dir = Path(opts.out) if opts.out else info.folder
-    return EvalResult(report, out_dir, write_outputs(report, out_dir))
+    files = write_outputs(report, out_dir)
+    if out_dir.resolve() == info.folder:  # eval.json sits beside the model: its card shows the new results
+        card = write_card(info)
+        files += [card] if card else []
+    return EvalResult(report, out_dir, files)
+
+
+def _harness_tasks(info: AdapterInfo, opts: EvalOptions) -> TaskSet | None:
+    if opts.harness is None:
+        return None
+    if info.task == "classification":
+        raise FinetuneError(f"--harness runs language-model tasks; {info.name} is a classification {info.kind} "
+                            "(its own metrics come from --data rows with text and label)")
+    return TaskSet(opts.harness.tasks)
+
+
+def load_sides(info: AdapterInfo, base: str | None) -> tuple[Sides, Any, AdapterInfo]:
+    """The two models compared, on the GPU when there is one. A new classification head starts from seed 0, so the
+    base side of a classifier is repeatable."""
+    _seed()
+    if info.full:
+        model, tok, info = load_adapter(info.folder)
+        _seed()
+        return Sides(_to_device(model), _to_device(load_base(info, tok, base))), tok, info
+    model, tok, info = load_adapter(info.folder, base)  # checks the adapter fits the base before loading it
+    return Sides(_to_device(model)), tok, info
+
+
+class Sides:
+    """An adapter: one PeftModel, the base side inside `disable_adapter()` (one load: nothing else can differ).
+    A fully fine-tuned folder: its base model, loaded separately with the same settings."""
+
+    def __init__(self, model: Any, base: Any = None):
+        self.model, self.base = model, base
+
+    @property
+    def how_base(self) -> str:
+        if self.base is not None:
+            return "the base model loaded separately with the same model settings (full fine-tuning: no adapter to disable)"
+        return "the same loaded PeftModel with its adapter disabled (one load: weights, dtype, device and tokenizer are shared)"
+
+    @contextmanager
+    def use(self, side: str) -> Iterator[Any]:
+        """The model that plays `side` (base | adapter) inside the block."""
+        if self.base is not None or side == "adapter":
+            yield self.base if side == "base" else self.model
+            return
+        with self.model.disable_adapter():
+            yield self.model
 
 
 def adapter_folder(ref: str) -> Path:
@@ -80,15 +138,20 @@ def adapter_folder(ref: str) -> Path:
     return path
 
 
-def data_value(opts: EvalOptions, info: Any) -> Any:
-    """--data, else the job's data for --split (a file, or the job's list of sources)."""
+def data_value(opts: EvalOptions, info: Any, optional: bool = False) -> Any:
+    """--data, else the job's data for --split (a file, or the job's list of sources). `optional` (with --harness):
+    None instead of an error when there is none, and the task metrics are skipped."""
     if opts.data:
         return opts.data
     if opts.split not in ("validation", "train"):
         raise FinetuneError(f"--split {opts.split!r}: use validation or train, or pass --data FILE")
     if info.job is None:
+        if optional:
+            return None
         raise FinetuneError(f"{info.folder} has no finetune.yaml naming its data; pass --data FILE")
     value = info.job.data.validation if opts.split == "validation" else info.job.data.train
+    if not value and optional:
+        return None
     if not value:
         held_out = " (its validation rows were held out of data.train by data.val_size)" if info.job.data.val_size else ""
         raise FinetuneError(f"the job of {info.folder} has no data.validation file{held_out}; pass --data FILE "
@@ -120,10 +183,13 @@ def _to_device(model: Any) -> Any:
 
 
 class _Run:
-    """One loaded PeftModel evaluated twice per measurement: adapter off (the base), then on."""
+    """Each measurement taken twice, on the base side then on the adapter side (`Sides`)."""
 
-    def __init__(self, model: Any, tok: Any, info: Any, cfg: Any, opts: EvalOptions):
-        self.model, self.tok, self.info, self.cfg, self.opts = model, tok, info, cfg, opts
+    def __init__(self, sides: Sides, tok: Any, info: Any, cfg: Any, opts: EvalOptions):
+        self.sides, self.model, self.tok, self.info, self.cfg, self.opts = sides, sides.model, tok, info, cfg, opts
+
+    def task_data(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.classification(eval_set) if self.info.task == "classification" else self.causal(eval_set)
 
     def causal(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
         chat = self.info.chat or any(_answer(e).record["kind"] == "chat" for e in eval_set.examples)
@@ -134,10 +200,10 @@ class _Run:
         json_match = (references_are_json(refs) if self.opts.json_match is None else self.opts.json_match) and gen is not None
         sides: dict[str, Any] = {}
         for side in SIDES:
-            with _adapter(self.model, side == "adapter"):
-                loss, _ = forward(self.model, self.tok, encoded, self.opts.batch_size)
-                metrics = preference_metrics(self.model, self.tok, pairs, self.opts.batch_size) if pairs else {}
-                outputs, seconds = self._generate(gen) if gen else ([], 0.0)
+            with self.sides.use(side) as model:
+                loss, _ = forward(model, self.tok, encoded, self.opts.batch_size)
+                metrics = preference_metrics(model, self.tok, pairs, self.opts.batch_size) if pairs else {}
+                outputs, seconds = self._generate(model, gen) if gen else ([], 0.0)
             metrics.update(generation_metrics(outputs, refs, json_match) if gen else {})
             sides[side] = {"metrics": {**metrics, "loss": loss["loss"], "perplexity": loss["perplexity"]},
                            "outputs": outputs, "generate_s": round(seconds, 2)}
@@ -150,9 +216,9 @@ class _Run:
                             chat, stop_token_ids(self.tok, self.model.generation_config))
         return prompts, decoding
 
-    def _generate(self, gen: tuple[list[list[int]], Any]) -> tuple[list[str], float]:
+    def _generate(self, model: Any, gen: tuple[list[list[int]], Any]) -> tuple[list[str], float]:
         t0 = time.perf_counter()
-        outputs = decode(self.tok, generate(self.model, self.tok, gen[0], gen[1]))
+        outputs = decode(self.tok, generate(model, self.tok, gen[0], gen[1]))
         return outputs, time.perf_counter() - t0
 
     def classification(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -161,8 +227,8 @@ class _Run:
         refs = [int(e.reference) for e in eval_set.examples if e.reference is not None]
         sides: dict[str, Any] = {}
         for side in SIDES:
-            with _adapter(self.model, side == "adapter"):
-                loss, preds = forward(self.model, self.tok, encoded, self.opts.batch_size)
+            with self.sides.use(side) as model:
+                loss, preds = forward(model, self.tok, encoded, self.opts.batch_size)
             metrics = {**classification_metrics(preds, refs, len(labels)), "loss": loss["loss"]}
             sides[side] = {"metrics": metrics, "outputs": [labels[p] for p in preds]}
         return sides, {"labels": labels}
@@ -178,9 +244,9 @@ class _Run:
             raise DataError(f"{path}: --general needs text, prompt/completion or chat rows, not text+label rows")
         encoded = encode(general.examples, cfg, self.tok, self.info.chat or general.format == "chat", None)
         for side in SIDES:
-            with _adapter(self.model, side == "adapter"):
-                loss, _ = forward(self.model, self.tok, encoded, self.opts.batch_size)
-            sides[side]["metrics"].update(general_loss=loss["loss"], general_perplexity=loss["perplexity"])
+            with self.sides.use(side) as model:
+                loss, _ = forward(model, self.tok, encoded, self.opts.batch_size)
+            sides.setdefault(side, {"metrics": {}, "outputs": []})["metrics"].update(general_loss=loss["loss"], general_perplexity=loss["perplexity"])
         extra["general"] = {"path": str(Path(path).resolve()), "rows": len(general.examples), "format": general.format,
                             "fingerprint": general.fingerprint}
 
@@ -197,38 +263,27 @@ def _default_new_tokens(tok: Any, refs: list[str]) -> int:
     return min(longest + 16, 512)
 
 
-class _adapter:
-    """Context: the adapter on (as loaded) or off (the base model), restoring nothing else."""
-
-    def __init__(self, model: Any, enabled: bool):
-        self.model, self.enabled = model, enabled
-
-    def __enter__(self) -> None:
-        self.ctx = None if self.enabled else self.model.disable_adapter()
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-def _report(info: Any, base_ref: str, eval_set: EvalSet, opts: EvalOptions, sides: dict[str, Any],
+def _report(info: Any, base_ref: str, eval_set: EvalSet | None, opts: EvalOptions, sides: dict[str, Any],
             extra: dict[str, Any], seconds: float) -> dict[str, Any]:
-
     report: dict[str, Any] = {
-        "adapter": str(info.folder), "base_model": base_ref, "task": info.task, "created": runinfo.utc_now(),
-        "packages": runinfo.package_versions(),
-        "data": {"path": ", ".join(_abs(p) for p in eval_set.paths), "split": None if opts.data else opts.split,
-                 "format": eval_set.format, "rows_total": eval_set.rows_total, "evaluated": len(eval_set.examples),
-                 "content_sha256": eval_set.file_sha256, "fingerprint": eval_set.fingerprint,
-                 "train_fingerprint": info.run.get("data", {}).get("fingerprint")},
-        "metrics": _compare(sides),
+        "adapter": str(info.folder), "kind": info.kind, "base_model": base_ref, "task": info.task,
+        "created": runinfo.utc_now(), "packages": runinfo.package_versions(),
+        "data": _data(info, eval_set, opts), "metrics": _compare(sides) if sides else {},
         "examples": _examples(eval_set, sides, extra.get("labels"), bool(extra.get("decoding", {}).get("chat_template"))),
         "timings": {"eval_s": round(seconds, 2), **{f"{s}_generate_s": v["generate_s"] for s, v in sides.items() if "generate_s" in v}},
     }
     report.update(extra)
     return report
+
+
+def _data(info: Any, eval_set: EvalSet | None, opts: EvalOptions) -> dict[str, Any] | None:
+    """What the task metrics were measured on; None when they were skipped (--harness without task data)."""
+    if eval_set is None:
+        return None
+    return {"path": ", ".join(_abs(p) for p in eval_set.paths), "split": None if opts.data else opts.split,
+            "format": eval_set.format, "rows_total": eval_set.rows_total, "evaluated": len(eval_set.examples),
+            "content_sha256": eval_set.file_sha256, "fingerprint": eval_set.fingerprint,
+            "train_fingerprint": info.run.get("data", {}).get("fingerprint")}
 
 
 def _abs(path: str) -> str:
@@ -247,10 +302,10 @@ def _compare(sides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _examples(eval_set: EvalSet, sides: dict[str, Any], labels: list[str] | None, chat: bool) -> list[dict[str, Any]]:
+def _examples(eval_set: EvalSet | None, sides: dict[str, Any], labels: list[str] | None, chat: bool) -> list[dict[str, Any]]:
     """Every example with both outputs; class references are shown by name like the predictions."""
 
-    if not sides["base"]["outputs"]:  # text rows: loss only
+    if eval_set is None or not sides["base"]["outputs"]:  # no task data, or text rows: loss only
         return []
     refs = [labels[int(e.reference or 0)] if labels else e.reference for e in eval_set.examples]
     prompts = [e.record.get("text") if labels else prompt_of(e.record, chat) for e in eval_set.examples]

@@ -71,6 +71,7 @@ def generation_metrics(predictions: list[str], references: list[str], json_match
 def classification_metrics(predictions: list[int], references: list[int], num_labels: int) -> dict[str, Any]:
     out: dict[str, Any] = load_metric("accuracy").compute(predictions=predictions, references=references)
     out.update(load_metric("macro_f1").compute(predictions=predictions, references=references))
+    out.update(load_metric("per_class").compute(predictions=predictions, references=references, labels=list(range(num_labels))))
     cm = load_metric("confusion_matrix").compute(predictions=predictions, references=references, labels=list(range(num_labels)))
     out["confusion_matrix"] = cm["confusion_matrix"]
     return out

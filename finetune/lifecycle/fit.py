@@ -35,11 +35,16 @@ def check_adapter_fits(info: AdapterInfo, source: Source, model_cfg: Any) -> Non
     base = _meta_model(source, model_cfg, info)
     modules = dict(base.named_modules())
     params = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    # One line per module: a missing module would otherwise be reported once per LoRA matrix (A and B).
+    per_module: dict[str, list[str]] = {}
     with safe_open(str(info.folder / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
             problem = _tensor_problem(key, tuple(f.get_slice(key).get_shape()), modules, params)
             if problem:
-                problems.append(problem)
+                found = per_module.setdefault(problem[0], [])
+                if problem[1] not in found:
+                    found.append(problem[1])
+    problems += [f"{module}: {'; '.join(details)}" for module, details in per_module.items()]
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ModelError(
@@ -77,27 +82,29 @@ def _meta_model(source: Source, model_cfg: Any, info: AdapterInfo) -> Any:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
-def _tensor_problem(key: str, shape: tuple[int, ...], modules: dict[str, Any], params: dict[str, tuple[int, ...]]) -> str | None:
+def _tensor_problem(key: str, shape: tuple[int, ...], modules: dict[str, Any],
+                    params: dict[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    """(module or parameter name, what is wrong) for one adapter tensor, or None when the base can take it."""
     name = key.removeprefix(PREFIX)
     part = next((p for p in LORA_PARTS if name.endswith(p)), None)
     if part is None and ".lora_" in name:  # e.g. DoRA's magnitude vector: its module must exist
         module_name = name.rsplit(".lora_", 1)[0]
-        return None if module_name in modules else f"{module_name}: the base has no module of that name"
+        return None if module_name in modules else (module_name, "the base has no module of that name")
     if part is None:  # a full tensor saved with the adapter (modules_to_save, e.g. a classifier head)
         if name not in params:
-            return f"{name}: no such parameter in the base"
-        return None if params[name] == shape else f"{name}: adapter has {list(shape)}, base has {list(params[name])}"
+            return name, "no such parameter in the base"
+        return None if params[name] == shape else (name, f"adapter has {list(shape)}, base has {list(params[name])}")
     module_name = name[: -len(part)]
     module = modules.get(module_name)
     if module is None:
-        return f"{module_name}: the adapter adapts this module, the base has no module of that name"
+        return module_name, "the adapter adapts this module, the base has no module of that name"
     fan_in, fan_out = _fans(module)
     kind = LORA_PARTS[part]
     want = {"A": fan_in, "B": fan_out, "EA": fan_in, "EB": fan_out}[kind]
     got = shape[1] if kind in ("A", "EA") else shape[0]
     if got != want:
         side = "input" if kind in ("A", "EA") else "output"
-        return f"{module_name}: the adapter expects {side} size {got}, the base module has {want}"
+        return module_name, f"the adapter expects {side} size {got}, the base module has {want}"
     return None
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.errors import FinetuneError, VerificationError
 from finetune.files import atomic_file
 from finetune.lifecycle.fit import check_adapter_fits
-from finetune.lifecycle.folder import AdapterInfo, base_source, read_adapter
+from finetune.lifecycle.folder import AdapterInfo, base_source, read_adapter, require_adapter
 from finetune.lifecycle.targets import check_adapter
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def export_lora_gguf(folder: str | Path, out: str | Path | None = None, outtype:
     if outtype not in OUTTYPES:
         raise FinetuneError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     info = read_adapter(folder)
+    require_adapter(info, "a llama.cpp LoRA GGUF holds adapter matrices; convert the whole model with llama.cpp's "
+                    "convert_hf_to_gguf.py instead")
     _refuse_incompatible(info)
     base_cfg = _base_config(info, base)
     arch, permute = _architecture(base_cfg)

@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.config.redact import find_secret, redact
 from finetune.data.prompt_record import PROMPT_FILE
 from finetune.errors import FinetuneError
 from finetune.files import is_hidden, write_json
 from finetune.lifecycle.folder import AdapterInfo, read_adapter
-from finetune.lifecycle.modelcard import CardInput, render_card
+from finetune.lifecycle.modelcard import REPO_ID, CardInput, card_for_publish, hub_id
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")  # full FT
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json")
 RECORD_FILES = ("finetune.yaml", "run.json", "metrics.jsonl")
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-SECRET_LINE = re.compile(r"(?im)^(\s*[\w-]*(token|secret|password|api_key)[\w-]*\s*:\s*)(?!null\b|false\b|true\b)(\S.*)$")
 
 
 @dataclass
@@ -73,16 +72,33 @@ def publish(req: PublishRequest) -> PublishReport:
     token = None if req.dry_run else _token(req)
     staging = Path(req.out) if req.out else (Path("publish") / info.name if req.dry_run else None)
     folder = staging or Path(tempfile.mkdtemp(prefix=f"finetune-publish-{info.name}-"))
+    existed = folder.exists()
+    ours = staging is None or not existed or not any(folder.iterdir())  # empty or new: whatever is in it is ours
+    done = False
     try:
         report = build_hub_folder(info, folder, CardInput(req.repo_id, base_model, req.license, list(req.datasets)))
         _refuse_secrets(folder, token)
         if not req.dry_run:
             assert token is not None
-            report.repo_url, report.commit_url = _upload(folder, req, token)
+            report.repo_url, report.commit_url = _upload(folder, req, token, info.kind)
+        done = True
     finally:
         if staging is None:
             shutil.rmtree(folder, ignore_errors=True)
+        elif not done and ours:  # a refused or failed publish leaves --out as it found it
+            _unstage(folder, existed)
     return report
+
+
+def _unstage(folder: Path, existed: bool) -> None:
+    if not existed:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _hub_base(info: AdapterInfo, req: PublishRequest) -> str | None:
@@ -90,9 +106,9 @@ def _hub_base(info: AdapterInfo, req: PublishRequest) -> str | None:
     if req.base_model:
         return req.base_model
     recorded = info.base
-    if recorded and not recorded.startswith(("/", ".", "~")) and REPO_ID.match(recorded):
-        return recorded
-    if req.dry_run:
+    if hub_id(recorded):
+        return hub_id(recorded)
+    if req.dry_run or info.full:  # a whole model loads without its base: the base is only named in the card
         return None
     raise FinetuneError(
         f"the adapter's base is the local folder {recorded}; others cannot load that. Pass --base-model with the "
@@ -114,18 +130,19 @@ def build_hub_folder(info: AdapterInfo, folder: Path, card: CardInput) -> Publis
     if folder.exists() and any(folder.iterdir()):
         raise FinetuneError(f"{folder.resolve()} is not empty; choose an empty --out folder")
     folder.mkdir(parents=True, exist_ok=True)
-    allowed = (*ADAPTER_FILES, *TOKENIZER_FILES, *RECORD_FILES)
+    shards = tuple(p.name for p in info.folder.glob("model-*-of-*.safetensors")) if info.full else ()
+    allowed = (*(MODEL_FILES + shards if info.full else ADAPTER_FILES), *TOKENIZER_FILES, *RECORD_FILES)
     for name in allowed:
         if (info.folder / name).is_file():
             shutil.copy2(info.folder / name, folder / name)
     # The prompt format travels with the adapter (users need its system prompt); its example rows may be private.
     write_json(folder / PROMPT_FILE, info.prompt.to_dict(with_examples=False))
-    if card.base_model:
+    if card.base_model and not info.full:
         _set_base(folder / "adapter_config.json", card.base_model)
     if (folder / "finetune.yaml").is_file():
         text = (folder / "finetune.yaml").read_text(encoding="utf-8")
-        (folder / "finetune.yaml").write_text(SECRET_LINE.sub(r"\1'***'", text), encoding="utf-8")
-    (folder / "README.md").write_text(render_card(info, card), encoding="utf-8")
+        (folder / "finetune.yaml").write_text(redact(text), encoding="utf-8")
+    (folder / "README.md").write_text(card_for_publish(info, card), encoding="utf-8")
     files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
     left_out = sorted(p.relative_to(info.folder).as_posix() + ("/" if p.is_dir() else "")
                       for p in info.folder.iterdir()
@@ -140,17 +157,18 @@ def _set_base(path: Path, base_model: str) -> None:
 
 
 def _refuse_secrets(folder: Path, token: str | None) -> None:
-    """Refuse to send a folder that contains the token itself or anything shaped like an HF token."""
-    pattern = re.compile(r"hf_[A-Za-z0-9]{30,}")
+    """Refuse to send a folder that contains the token itself or anything shaped like a credential."""
     for path in folder.rglob("*"):
         if not path.is_file() or path.suffix == ".safetensors":
             continue
         text = path.read_text(encoding="utf-8", errors="ignore")
-        if (token and token in text) or pattern.search(text):
-            raise FinetuneError(f"{path.name} contains what looks like a Hugging Face token; remove it before publishing")
+        found = "the Hugging Face token itself" if token and token in text else find_secret(text)
+        if found:
+            raise FinetuneError(f"{path.name} contains {found}; remove it from the adapter folder (e.g. "
+                                "data.system_prompt) before publishing. Nothing was uploaded.")
 
 
-def _upload(folder: Path, req: PublishRequest, token: str) -> tuple[str, str]:
+def _upload(folder: Path, req: PublishRequest, token: str, info_kind: str) -> tuple[str, str]:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -160,7 +178,7 @@ def _upload(folder: Path, req: PublishRequest, token: str) -> tuple[str, str]:
     try:
         repo = api.create_repo(req.repo_id, private=req.private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=req.repo_id, folder_path=str(folder), repo_type="model",
-                                   commit_message="Upload LoRA adapter with finetune")
+                                   commit_message=f"Upload {info_kind} with finetune")
     except (HfHubHTTPError, OSError, ValueError) as exc:
         message = str(exc).replace(token, "***")
         raise FinetuneError(f"publishing to {req.repo_id} failed: {type(exc).__name__}: {message}") from None

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config import JobConfig, dump_config
+from finetune.config.paths import absolute_paths
 from finetune.data.prompt_record import PROMPT_FILE, PromptRecord
 from finetune.errors import VerificationError
 from finetune.files import atomic_dir, check_replaceable, write_json
+from finetune.lifecycle.modelcard import write_new_card
 from finetune.model import Source, load_base_model
 from finetune.training.trackers import METRICS, plot_losses
 
@@ -54,6 +56,7 @@ def save_adapter(model: nn.Module, tokenizer: Any, req: SaveRequest, accelerator
             _write(tmp, peft_model, state, tokenizer, req)
             _record_verification(tmp, verify_adapter(tmp, peft_model, req))
             _copy_logs(req, tmp)
+            write_new_card(tmp, str(final), final.name)  # README.md: finetune's card, not peft's empty template
     accelerator.wait_for_everyone()
     return final
 
@@ -85,8 +88,9 @@ def _write(tmp: Path, peft_model: Any, state: dict[str, Any], tokenizer: Any, re
 
 def _write_common(tmp: Path, tokenizer: Any, req: SaveRequest) -> None:
     tokenizer.save_pretrained(tmp)
-    (tmp / "finetune.yaml").write_text(dump_config(req.cfg, comments=False))
-    write_json(tmp / "run.json", req.run_info)
+    # Absolute paths: later commands read the adapter from anywhere, not only from the training directory.
+    (tmp / "finetune.yaml").write_text(dump_config(absolute_paths(req.cfg), comments=False))
+    write_json(tmp / "run.json", {**req.run_info, "base_model": req.source.ref})
     if req.prompt is not None:
         write_json(tmp / PROMPT_FILE, req.prompt.to_dict())
 

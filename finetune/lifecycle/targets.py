@@ -1,7 +1,8 @@
 """Will this adapter load where it is going? The loading rules of peft, vLLM, TGI and llama.cpp as one table.
 
-Each rule reads only adapter_config.json, the safetensors header (names, shapes) and, when it is a local folder,
-the base's config.json: no torch, no weights, answers in well under a second. A rule returns one message per
+Each rule reads only adapter_config.json, the safetensors file (header, and every tensor's bytes checked for
+truncation and NaN / inf) and, when it is a local folder, the base's config.json: no torch, answers in well under
+a second for an adapter. A rule returns one message per
 problem; `check_adapter` pairs each with the rule's fix. Sources for each rule are in docs/lifecycle.md.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
+from finetune.lifecycle.folder import is_full_model
+from finetune.lifecycle.weights import FIX, read_header, weights_problems
 
 TARGETS = ("peft", "vllm", "tgi", "llama.cpp")
 SERVERS = ("vllm", "tgi", "llama.cpp")  # everything that serves a causal LM from the adapter file alone
@@ -74,23 +76,37 @@ class CheckResult:
 def read_facts(folder: str | Path, max_lora_rank: int = 16) -> AdapterFacts:
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if is_full_model(folder):
+        raise FinetuneError(f"{folder} is a fully fine-tuned model (lora.enabled: false), not a LoRA adapter: these "
+                            "rules are for adapters; serving frameworks load the folder as a plain model")
     if not cfg_path.is_file():
         raise FinetuneError(f"{folder}: no adapter_config.json; point at an adapter folder (e.g. adapters/<run>)")
     if not weights.is_file():
         raise FinetuneError(f"{folder}: no adapter_model.safetensors (a .bin adapter is not supported by vLLM/TGI: "
                             "re-save it with safe_serialization=True)")
-    config = json.loads(cfg_path.read_text())
+    config = _json_object(cfg_path)
     base = Path(str(config.get("base_model_name_or_path") or "")) / "config.json"
-    base_config = json.loads(base.read_text()) if base.is_absolute() and base.is_file() else None
+    base_config = _json_object(base) if base.is_absolute() and base.is_file() else None
     return AdapterFacts(folder, config, safetensors_shapes(weights), base_config, max_lora_rank)
 
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor names and shapes from the file header (8-byte length + JSON), without loading any data."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    shapes = {}
+    for name, spec in read_header(path).items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        shapes[name] = list(shape) if isinstance(shape, list) else []
+    return shapes
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"{path}: not readable as JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise FinetuneError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def check_adapter(folder: str | Path, target: str, max_lora_rank: int = 16) -> CheckResult:
@@ -106,6 +122,11 @@ def check_adapter(folder: str | Path, target: str, max_lora_rank: int = 16) -> C
 
 
 # --- the rules -------------------------------------------------------------------------------------------------
+
+def _weights_file(f: AdapterFacts, target: str) -> list[str]:
+    """Every tensor's bytes are in the file (a truncated file has a valid header) and hold no NaN / inf."""
+    return weights_problems(f.folder / "adapter_model.safetensors", read_values=True)
+
 
 def _required_keys(f: AdapterFacts, target: str) -> list[str]:
     return [f"adapter_config.json has no '{k}'" for k in REQUIRED_KEYS[target] if f.config.get(k) in (None, "", [])]
@@ -231,6 +252,7 @@ def _is_full_tensor(name: str, f: AdapterFacts) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("weights-file", TARGETS, _weights_file, FIX),
     Rule("required-keys", TARGETS, _required_keys, "retrain with finetune (it writes them) or add the keys to adapter_config.json"),
     Rule("lora-only", TARGETS, _lora_only, "train a LoRA adapter (lora.enabled: true)"),
     Rule("lora-pairs", TARGETS, _pairs, "the weights file is incomplete or edited: re-save it from the trained model"),
@@ -240,7 +262,7 @@ RULES: tuple[Rule, ...] = (
     Rule("task", SERVERS, _task, "serve classification adapters with transformers + peft, not {target}"),
     Rule("rank-limit", ("vllm", "tgi"), _rank_limit,
          "retrain with a smaller lora.r, or (vLLM) serve with --max-lora-rank set to an allowed value >= r "
-         "(1, 8, 16, 32, 64, 128, 256, 320, 512)"),
+         f"({', '.join(map(str, VLLM_RANKS))})"),
     Rule("modules-to-save", SERVERS, _modules_to_save, "retrain with lora.modules_to_save: [] or serve the merged model (finetune merge)"),
     Rule("dora", SERVERS, _dora, "retrain with lora.use_dora: false, or serve the merged model (finetune merge)"),
     Rule("embeddings", SERVERS, _embeddings,

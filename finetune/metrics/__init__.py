@@ -15,14 +15,15 @@ from finetune.errors import FinetuneError
 
 METRICS_DIR = Path(__file__).parent
 GENERATION = ("exact_match", "token_f1", "rouge_l", "chrf")
-CLASSIFICATION = ("accuracy", "macro_f1", "confusion_matrix")
 
 
 def available() -> list[str]:
+    """The names of the shipped metric modules."""
     return sorted(p.stem for p in METRICS_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
 def metric_path(name: str) -> Path:
+    """The module file of a shipped metric; an unknown name lists the available ones."""
     path = METRICS_DIR / f"{name}.py"
     if name.startswith("_") or not path.is_file():
         raise FinetuneError(f"unknown metric '{name}'; available: {', '.join(available())}")

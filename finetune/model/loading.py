@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config.model import ModelConfig
 from finetune.errors import ModelError
+from finetune.model.lora import NEW_HEAD
 from finetune.model.source import Source, resolve_source
 
 if TYPE_CHECKING:
@@ -19,11 +21,20 @@ def load_tokenizer(source: Source, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     # AutoTokenizer, not a concrete class: a concrete fast class on a custom tokenizer silently gave other ids.
-    tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the tokenizer from {source.ref}: {_first_line(exc)}. The folder must hold a "
+                         "Hugging Face checkpoint (tokenizer files, config.json, weights)") from None
     if cfg.chat_template:
         tok.chat_template = read_chat_template(cfg.chat_template)
     set_pad_token(tok)
     return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def read_chat_template(name_or_path: str) -> str:
@@ -86,17 +97,62 @@ def load_base_model(
     source: Source, cfg: ModelConfig, task: str, quantization: str = "none", labels: list[str] | None = None
 ) -> PreTrainedModel:
     """The base weights for `task` (a new classification head sized by `labels`), quantized for QLoRA if asked."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     kwargs = model_kwargs(cfg, quantization)
     try:
         if task == "classification":
             labels = labels or ["0", "1"]
             kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-            return AutoModelForSequenceClassification.from_pretrained(source.folder, **kwargs)
+            return _classifier(source, kwargs)
         return AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model weights from {source.ref}: {exc}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # a damaged weights file is a SafetensorError
+        raise ModelError(f"cannot load model weights from {source.ref}: {_first_line(exc)}") from None
+
+
+def _classifier(source: Source, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """A sequence classifier whose head the base checkpoint usually lacks. transformers reports that head as
+    "MISSING ... consider training"; we say it ourselves (model.lora's parameter report: a new head, trained in full
+    and saved with the adapter; when an adapter is loaded, its saved head replaces the random one). Other missing
+    weights are a real problem and are still reported."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    # A filter, not a higher level: transformers 5 runs an extra tensor-parallel check (and warns) when that
+    # logger's level is WARNING or above.
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    logger.addFilter(quiet)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(source.folder, output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(quiet)
+    missing = sorted(info.get("missing_keys") or [])
+    head_names = {_head_name(model)}
+    head = [k for k in missing if k.split(".", 1)[0] in head_names]
+    other = [k for k in missing if k not in head]
+    if other:
+        print(f"warning: {len(other)} weights of {source.ref} are missing from the checkpoint and were initialised "
+              f"randomly: {', '.join(other[:5])}{', ...' if len(other) > 5 else ''}", file=sys.stderr)
+    setattr(model, NEW_HEAD, head)
+    return model
+
+
+class _DropLoadReport:
+    """logging filter: transformers' load report table (our own message replaces it)."""
+
+    def filter(self, record: Any) -> bool:
+        return "LOAD REPORT" not in str(record.getMessage())
+
+
+def _head_name(model: Any) -> str:
+    """The attribute holding a sequence classifier's head: classifier (BERT-like) or score (decoder models)."""
+    for name in ("classifier", "score", "classification_head", "logits_proj"):
+        if hasattr(model, name):
+            return name
+    return "classifier"
 
 
 def check_pair(model: PreTrainedModel, tok: PreTrainedTokenizerBase, source: Source, task: str) -> None:

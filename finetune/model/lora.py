@@ -14,19 +14,26 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+NEW_HEAD = "finetune_new_head"  # set by model.loading on a classifier whose head the checkpoint did not have
+
+
 @dataclass(frozen=True)
 class ParamReport:
     trainable: int
     total: int
     wrapped: int  # number of linear layers carrying LoRA
     formula: int  # sum of r*(d+k) over wrapped d x k weights
+    head: str = ""  # what the report says about a new classification head, "" when there is none
 
-    def describe(self, r: int) -> str:
+    def describe(self, r: int | None) -> str:
+        """The training log line; r=None is full fine-tuning (lora.enabled: false)."""
         share = 100 * self.trainable / max(self.total, 1)
-        return (
-            f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; "
-            f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
-        )
+        trainable = f"trainable {self.trainable:,} of {self.total:,} parameters ({share:.3f}%)"
+        if r is None:
+            text = f"full fine-tuning (no LoRA): {trainable}"
+        else:
+            text = f"LoRA r={r} on {self.wrapped} linear layers: sum r*(d+k) = {self.formula:,}; {trainable}"
+        return f"{text}\n{self.head}" if self.head else text
 
 
 def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm", start: str | Path | None = None) -> nn.Module:
@@ -52,7 +59,47 @@ def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm", start:
         use_dora=cfg.use_dora,
         modules_to_save=cfg.modules_to_save or None,
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc) and "Target modules" not in str(exc):
+            raise
+        raise ModelError(f"lora.target_modules: {cfg.target_modules!r} names no module of this model. Its linear "
+                         f"layers are called: {', '.join(linear_names(model))} (or use 'all-linear')") from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+            raise
+        need = _lora_params(model, cfg)
+        raise ModelError(f"lora.r={cfg.r}: the LoRA matrices need {need:,} parameters ({need * 4 / 2**30:.1f} GiB in "
+                         "float32, three times that with AdamW's state) and could not be allocated; lower lora.r "
+                         "(8-64 is usual) or target fewer modules") from None
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct short names (q_proj, dense, ...) of the layers LoRA can wrap, in model order."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if _is_adaptable(module) and name:
+            names.setdefault(name.rsplit(".", 1)[-1], None)
+    return list(names)
+
+
+def _is_adaptable(module: Any) -> bool:
+    return type(module).__name__ in ("Linear", "Conv1D", "Embedding", "Linear4bit", "Linear8bitLt") or (
+        hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
+def _lora_params(model: nn.Module, cfg: LoraConfig) -> int:
+    """sum r*(d+k) over the layers `cfg` targets (every linear layer but the output head for 'all-linear')."""
+    targets = cfg.target_modules
+    total = 0
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        wanted = short in targets if isinstance(targets, list) else (
+            targets == "all-linear" and short not in ("lm_head", "score", "classifier") or targets == short)
+        if wanted and hasattr(module, "in_features"):
+            total += cfg.r * (module.in_features + module.out_features)
+    return total
 
 
 def param_report(model: nn.Module) -> ParamReport:
@@ -67,7 +114,7 @@ def param_report(model: nn.Module) -> ParamReport:
         a, b = lora_a["default"].weight, lora_b["default"].weight  # A: r x k, B: d x r
         wrapped += 1
         formula += a.shape[0] * (a.shape[1] + b.shape[0])
-    return ParamReport(trainable, total, wrapped, formula)
+    return ParamReport(trainable, total, wrapped, formula, _head_note(model))
 
 
 # our lora: field -> peft's adapter_config.json key
@@ -144,3 +191,19 @@ def _continue_from(model: nn.Module, folder: Path) -> nn.Module:
         raise ModelError(f"model.adapter: {folder} did not load whole into the model ({len(missing)} tensors differ, "
                          f"e.g. {missing[:3]})")
     return peft_model
+
+
+def _head_note(model: nn.Module) -> str:
+    """Our own word on a new classification head, instead of transformers' "MISSING ... consider training" table."""
+    wrapper: Any = model
+    base: Any = wrapper.get_base_model() if hasattr(wrapper, "get_base_model") else wrapper
+    keys: list[str] = list(getattr(base, NEW_HEAD, None) or [])
+    if not keys:
+        return ""
+    modules = sorted({k.rsplit(".", 1)[0] for k in keys})
+    size = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    labels = list((getattr(base.config, "id2label", None) or {}).values())
+    shown = ", ".join(map(str, labels[:6])) + (", ..." if len(labels) > 6 else "")
+    trained = "trained in full next to the LoRA matrices and saved inside the adapter" if size else "NOT trained"
+    return (f"classification head: {', '.join(modules)} is new ({len(labels)} labels: {shown}); the base checkpoint "
+            f"has no such layer, so it starts from random weights and is {trained} ({size:,} parameters)")

@@ -44,10 +44,11 @@ class TrainResult:
     model: Any = field(default=None, repr=False)  # as prepared by accelerate (DDP/FSDP-wrapped): what save must gather
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})  # name, coefficients, DPO's reference
     last: dict[str, float] = field(default_factory=dict)  # preference metrics of the last step and evaluation
+    unit: str = "tokens"  # what `tokens` counts: target tokens, or examples for a classifier (one label each)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.steps,
-                               "tokens": self.tokens, **self.last}
+                               self.unit: self.tokens, **self.last}
         if self.eval_loss is not None:
             out.update(eval_loss=self.eval_loss)
             if self.objective["name"] == "sft":
@@ -143,23 +144,33 @@ class _Loop:
             self.model = torch.compile(self.model)
         self.best: dict[str, Any] | None = None
         self.ckpt_dir = work / "checkpoints"
+        effective = cfg.micro_batch_size * cfg.gradient_accumulation * acc.num_processes
+        self.job = ckpt.job_record(hparams, getattr(data, "fingerprint", ""), str(acc.mixed_precision), effective,
+                                   self.total)
         self.resumed = self._resume()
         if self.resumed is None and acc.is_main_process:
             ckpt.clear_checkpoints(self.ckpt_dir)
-        self.log = MetricsLog(acc, work, work.name, hparams, list(cfg.trackers))
+        # A classifier's loss has one target per example: its counts are examples, not tokens.
+        self.unit = "examples" if getattr(data, "labels", None) is not None else "tokens"
+        self.log = MetricsLog(acc, work, work.name, hparams, list(cfg.trackers), self.unit)
         self.stream = None if sized else stream_from(data.train, self.plan.cursor)
 
     def _resume(self) -> Path | None:
-        path = ckpt.find_resume(self.cfg.resume, self.ckpt_dir)
-        if path is None:
+        found = ckpt.resume_from(self.cfg.resume, self.ckpt_dir, self.inner, self.job, self.total, self.acc.print)
+        if found is None:
             return None
-        self.state, self.best = ckpt.load_checkpoint(path, self.inner, self.optimizer, self.scheduler)
+        ckpt.apply_checkpoint(found, self.inner, self.optimizer, self.scheduler)
+        self.state, self.best = found.state, found.best
         self.plan.cursor = self.state.cursor
-        self.acc.print(f"resumed from {path} at step {self.state.step} (example {self.state.cursor})")
-        return path
+        self.acc.print(f"resumed from {found.path} at step {self.state.step} (example {self.state.cursor})")
+        planned = found.job.get("total steps")
+        if planned not in (None, self.total):
+            self.acc.print(f"note: this run now has {self.total} steps where the checkpoint's run planned {planned}: "
+                           f"from step {self.state.step} on, the learning rate follows the schedule over {self.total}")
+        return found.path
 
     def run(self) -> TrainResult:
-        result, start = TrainResult(resumed_from=str(self.resumed) if self.resumed else None), time.perf_counter()
+        result, start = TrainResult(resumed_from=str(self.resumed) if self.resumed else None, unit=self.unit), time.perf_counter()
         self.log.start(self.state.step if self.resumed else None)
         profiler = StepProfiler(self.cfg.profile_steps, self.work / PROFILE, self.acc.is_main_process, self.state.step + 1)
         self.model.train()
@@ -298,7 +309,7 @@ class _Loop:
         path = self.ckpt_dir / f"step-{self.state.step:08d}"
         if self.acc.is_main_process:
             ckpt.save_checkpoint(self.ckpt_dir, self.inner, self.optimizer, self.scheduler, self.state, self.best,
-                                 self.cfg.keep_last)
+                                 self.cfg.keep_last, self.job)
         self.acc.wait_for_everyone()
         return path
 
@@ -319,7 +330,8 @@ class _Loop:
         result.eval_loss, result.best_step = s.best_loss, s.best_step
         result.seconds = time.perf_counter() - start
         result.peak_memory_mb = _peak_memory_mb()
-        self.acc.print(f"trained {s.step} steps in {result.seconds:.1f}s: {s.tokens:,} target tokens, "
+        counted = "examples" if self.unit == "examples" else "target tokens"
+        self.acc.print(f"trained {s.step} steps in {result.seconds:.1f}s: {s.tokens:,} {counted}, "
                        f"peak memory {result.peak_memory_mb:,.0f} MB")
 
 

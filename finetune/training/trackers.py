@@ -25,10 +25,13 @@ class MetricsLog:
     """Append-only metrics of one run. On resume the rows past the checkpoint's step are dropped first: the
     interrupted process logged them, and the resumed one logs them again."""
 
-    def __init__(self, accelerator: Any, work: Path, run_name: str, config: dict[str, Any], trackers: list[str]):
+    def __init__(self, accelerator: Any, work: Path, run_name: str, config: dict[str, Any], trackers: list[str],
+                 unit: str = "tokens"):
         self.acc, self.main = accelerator, accelerator.is_main_process
         self.path = work / METRICS
         self.trackers = trackers
+        # The loop counts targets as "tokens"; a classifier's targets are examples, and its rows say so.
+        self.names = {"tokens": unit, "tokens_per_s": f"{unit}_per_s"}
         if trackers:
             accelerator.init_trackers(run_name, config=_flat(config))
 
@@ -40,6 +43,7 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
+        row = {self.names.get(k, k): v for k, v in row.items()}
         if self.trackers:
             self.acc.log({k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}, step=row["step"])
         if self.main:
