@@ -151,19 +151,18 @@ def pipeline_side(adapter: Path, new_tokens: int) -> tuple[Any, HeadClock]:
 def bench_server(engine: Any, name: str, clients: int, new_tokens: int) -> dict[str, Any]:
     from gradio_client import Client
 
-    from finetune.commands.demo import load_app_module
+    from finetune.serving.demo import build_app, launch
 
-    app_module = load_app_module()
-    app = app_module.build_app(engine, concurrency_limit=1)
-    url = app_module.launch(app, port=None, block=False)
+    app = build_app(engine, concurrency_limit=1)
+    url = launch(app, port=None, block=False)
     latencies: list[float] = []
     errors: list[str] = []
 
     def one(i: int) -> None:
         start = time.perf_counter()
         try:
-            out = Client(url, verbose=False).predict(name, PROMPTS[i % len(PROMPTS)], new_tokens, 0.0, 0.95, 0,
-                                                      api_name="/generate")
+            out = Client(url, verbose=False).predict(name, PROMPTS[i % len(PROMPTS)], max_new_tokens=new_tokens,
+                                                      temperature=0.0, api_name="/generate")
             if not isinstance(out, str):
                 errors.append(f"client {i}: got {type(out).__name__}")
             latencies.append(time.perf_counter() - start)

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "publish": "finetune.commands.publish",
     "adapters": "finetune.commands.adapters",
     "demo": "finetune.commands.demo",
+    "serve": "finetune.commands.serve",
     "import-gguf": "finetune.commands.import_gguf",
 }
 

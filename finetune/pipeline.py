@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from finetune import __version__
 from finetune.config import JobConfig, dump_config
+from finetune.config.redact import redact
 from finetune.data import DataBundle, build_data
 from finetune.data.prompt_record import describe_prompts
 from finetune.lifecycle import runinfo
@@ -22,10 +24,13 @@ from finetune.model import (
     lora_of_adapter,
     param_report,
     resolve_source,
+    training_dtype,
     wrap_lora,
 )
 from finetune.training import TrainResult, make_accelerator, train
 from finetune.training.preference import check_objective
+
+JOB_FILE = "job.yaml"  # in the run's work folder: the resolved job, written at start
 
 
 def run_train(cfg: JobConfig) -> Path:
@@ -37,8 +42,10 @@ def run_train(cfg: JobConfig) -> Path:
         cfg = cfg.model_copy(update={"lora": lora_of_adapter(cfg.model.adapter, cfg.lora, cfg.task)})
     work = cfg.output.work_dir
     accelerator = make_accelerator(cfg.train, work)
+    model_cfg = training_dtype(cfg.model, accelerator.mixed_precision, not cfg.lora.enabled, cfg.lora.quantization)
+    cfg = cfg.model_copy(update={"model": model_cfg})
     say = accelerator.print
-    say(_redacted(dump_config(cfg, comments=False)))
+    say(redact(describe_job(cfg, _write_job(cfg, work, accelerator.is_main_process))))
     set_seed(cfg.train.seed)
     timings: dict[str, float] = {}
     with _timed(timings, "load_tokenizer_s"):
@@ -67,8 +74,39 @@ def run_train(cfg: JobConfig) -> Path:
 
 
 def _probe(bundle: DataBundle) -> dict[str, Any]:
+    """Two examples as a padded batch: what the save verification runs through the trained and the reloaded model."""
     rows = (bundle.validation or bundle.train)[:2]
-    return bundle.collator(rows)
+    return getattr(bundle.collator, "padded", bundle.collator)(rows)
+
+
+def _write_job(cfg: JobConfig, work: Path, main: bool) -> Path:
+    """The fully resolved job, before any work, so a run can be repeated or compared while it trains."""
+    path = work / JOB_FILE
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dump_config(cfg, comments=False), encoding="utf-8")
+    return path
+
+
+def describe_job(cfg: JobConfig, written: Path) -> str:
+    """What differs from the defaults, one dotted key a line (the whole resolved job is in `written`)."""
+    changes = _flatten(cfg.model_dump(exclude_defaults=True, mode="json"))
+    lines = [f"job: {len(changes)} settings differ from the defaults; the full resolved job is in {written}"]
+    return "\n".join(lines + [f"  {key}: {_inline(value)}" for key, value in changes.items()])
+
+
+def _inline(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: dict[str, float], accelerator: Any,
@@ -85,13 +123,20 @@ def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: 
         "precision": accelerator.mixed_precision,
         "data": {"fingerprint": bundle.fingerprint, "format": bundle.format, "chat_template": bundle.chat, **bundle.stats},
         "labels": bundle.labels,
-        "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped},
+        "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped,
+                   "frozen_dtype": _frozen_dtype(net)},
         "objective": result.objective,
         "started_from": str(Path(cfg.model.adapter).resolve()) if cfg.model.adapter else None,
         "metrics": result.metrics(),
         "resumed_from": result.resumed_from,
         "timings": {**timings, "train_s": round(result.seconds, 2), "peak_memory_mb": round(result.peak_memory_mb, 1)},
+        "throughput": {"input_tokens": result.input_tokens, "positions": result.positions,
+                       "input_tokens_per_s": round(result.input_tokens / max(result.seconds, 1e-9), 1)},
     }
+
+
+def _frozen_dtype(net: Any) -> str | None:
+    return next((str(p.dtype).removeprefix("torch.") for p in net.parameters() if not p.requires_grad), None)
 
 
 class _timed:
@@ -103,8 +148,3 @@ class _timed:
 
     def __exit__(self, *exc: Any) -> None:
         self.sink[self.key] = round(time.perf_counter() - self.start, 2)
-
-
-def _redacted(text: str) -> str:
-    """Hide values of keys that look like secrets before the config is printed."""
-    return re.sub(r"(?im)^(\s*\w*(token|secret|password|api_key)\w*:\s*).+$", r"\1***", text)

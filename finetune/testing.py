@@ -116,6 +116,17 @@ def chat_rows(n: int = 32) -> list[dict]:
                           {"role": "assistant", "content": "the end"}]} for i in range(n)]
 
 
+JSON_SYSTEM = "Reply with one JSON object with the key name."
+
+
+def json_rows(n: int = 32) -> list[dict]:
+    """Quickstart-shaped chat rows: every row shares a system prompt, the user gives a name, the answer is JSON."""
+    names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
+    return [{"messages": [{"role": "system", "content": JSON_SYSTEM},
+                          {"role": "user", "content": f"name: {names[i % 8]}"},
+                          {"role": "assistant", "content": json.dumps({"name": names[i % 8]})}]} for i in range(n)]
+
+
 def _permute(w, n_head: int):  # type: ignore[no-untyped-def]
     """llama.cpp's q/k row order (convert_hf_to_gguf.py LlamaModel.permute); transformers undoes it on load."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

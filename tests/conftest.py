@@ -90,6 +90,20 @@ def train_tiny() -> Callable[..., Path]:
     return _train_tiny
 
 
+@pytest.fixture(scope="session")
+def json_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
+    """A quickstart-shaped tiny adapter (chat rows sharing a system prompt, JSON answers, a validation file) with
+    the eval.json `finetune eval` writes (greedy decoding), as scripts/quickstart.sh leaves one."""
+    from finetune.evaluation.runner import EvalOptions, run_eval
+    from finetune.testing import json_rows, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("json_adapter")
+    val = write_jsonl(tmp / "val.jsonl", json_rows(8))
+    folder = _train_tiny(tmp, tiny_lm, json_rows(), "extract", steps=60, data={"validation": str(val)})
+    run_eval(EvalOptions(adapter=str(folder)))
+    return folder
+
+
 class SlowNoEos:
     """Forward hook on an engine entry's LM head: counts decoding steps, slows them down and bans its stop ids, so
     only a cancel ends a long generation."""

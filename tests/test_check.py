@@ -47,28 +47,30 @@ def _drop_b(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 CASES: list[tuple[str, dict[str, Any], dict[str, np.ndarray] | None, dict[str, set[str]]]] = [
     ("good", {}, None, {}),
     ("no lora_alpha", {"lora_alpha": None}, None, {t: {"required-keys"} for t in TARGETS}),
-    ("no target_modules", {"target_modules": None}, None, {"peft": {"required-keys"}, "vllm": {"required-keys"}, "tgi": {"required-keys"}}),
+    ("no target_modules", {"target_modules": None}, None, {"peft": {"required-keys"}, "vllm": {"required-keys"}, "sglang": {"required-keys"},
+                                                     "tgi": {"required-keys"}}),
     ("rank 32", {"r": 32}, lora_tensors(32), {"vllm": {"rank-limit"}}),
     ("rank 256", {"r": 256}, lora_tensors(256), {"vllm": {"rank-limit"}, "tgi": {"rank-limit"}}),
     ("modules_to_save", {"modules_to_save": ["lm_head"]},
      {**lora_tensors(), "base_model.model.lm_head.modules_to_save.default.weight": np.zeros((4, 4), np.float32)},
-     {"vllm": {"modules-to-save", "embeddings"}, "tgi": {"modules-to-save", "embeddings"},
-      "llama.cpp": {"modules-to-save", "embeddings"}}),
+     {"vllm": {"modules-to-save", "embeddings"}, "sglang": {"modules-to-save", "embeddings"},
+      "tgi": {"modules-to-save", "embeddings"}, "llama.cpp": {"modules-to-save", "embeddings"}}),
     ("dora", {"use_dora": True},
      {**lora_tensors(), "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(32, np.float32)},
-     {"vllm": {"dora"}, "tgi": {"dora"}, "llama.cpp": {"dora"}}),
+     {"vllm": {"dora"}, "sglang": {"dora"}, "tgi": {"dora"}, "llama.cpp": {"dora"}}),
     ("full embeddings", {},
      {**lora_tensors(), "base_model.model.model.embed_tokens.weight": np.zeros((8, 4), np.float32)},
-     {"vllm": {"embeddings", "modules-to-save"}, "tgi": {"embeddings", "modules-to-save"},
-      "llama.cpp": {"embeddings", "modules-to-save"}}),
-    ("rslora", {"use_rslora": True}, None, {"tgi": {"single-scale"}, "llama.cpp": {"single-scale"}}),
-    ("alpha_pattern", {"alpha_pattern": {"q_proj": 4}}, None, {"tgi": {"single-scale"}, "llama.cpp": {"single-scale"}}),
-    ("classifier", {"task_type": "SEQ_CLS"}, None, {"vllm": {"task"}, "tgi": {"task"}, "llama.cpp": {"task"}}),
-    ("bias", {"bias": "lora_only"}, None, {"vllm": {"bias"}, "tgi": {"bias"}, "llama.cpp": {"bias"}}),
+     {"vllm": {"embeddings", "modules-to-save"}, "sglang": {"embeddings", "modules-to-save"},
+      "tgi": {"embeddings", "modules-to-save"}, "llama.cpp": {"embeddings", "modules-to-save"}}),
+    ("rslora", {"use_rslora": True}, None, {t: {"single-scale"} for t in ("sglang", "tgi", "llama.cpp")}),
+    ("alpha_pattern", {"alpha_pattern": {"q_proj": 4}}, None, {t: {"single-scale"} for t in ("sglang", "tgi", "llama.cpp")}),
+    ("classifier", {"task_type": "SEQ_CLS"}, None, {t: {"task"} for t in ("vllm", "sglang", "tgi", "llama.cpp")}),
+    ("bias", {"bias": "lora_only"}, None, {t: {"bias"} for t in ("vllm", "sglang", "tgi", "llama.cpp")}),
     ("missing B", {}, _drop_b(lora_tensors()), {t: {"lora-pairs"} for t in TARGETS}),
     ("rank mismatch", {"r": 4}, None, {t: {"lora-pairs"} for t in TARGETS}),
     ("odd module for tgi", {"target_modules": ["q_proj", "fc_in"]}, lora_tensors(modules=("self_attn.q_proj", "mlp.fc_in")),
-     {"tgi": {"tgi-modules"}}),
+     {"tgi": {"tgi-modules"}, "sglang": {"sglang-modules"}}),
+    ("regex target_modules", {"target_modules": ".*_proj"}, None, {"sglang": {"sglang-modules"}}),
     ("local base gone", {"base_model_name_or_path": "/nonexistent/base"}, None, {"peft": {"base-model"}, "llama.cpp": {"base-model"}}),
     ("not lora", {"peft_type": "IA3"}, None, {t: {"lora-only"} for t in TARGETS}),
     ("nan weights", {}, {**lora_tensors(), "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
@@ -118,6 +120,15 @@ def test_cli_passes_a_real_adapter(real_adapter: Path, target: str, capsys) -> N
 
     assert main(["check", str(real_adapter), "--target", target]) == 0
     assert capsys.readouterr().out.strip().startswith(f"{target}: ok")
+
+
+def test_tgi_is_labelled_legacy(real_adapter: Path, capsys) -> None:
+    from finetune.cli import main
+
+    assert main(["check", str(real_adapter), "--target", "tgi"]) == 0
+    assert "maintenance mode since December 2025" in capsys.readouterr().out
+    assert main(["check", str(real_adapter), "--target", "sglang"]) == 0
+    assert "maintenance" not in capsys.readouterr().out
 
 
 def test_cli_prints_one_line_per_problem_and_fails(tmp_path: Path, capsys) -> None:

@@ -48,7 +48,7 @@ def test_packed_loss_and_gradients_equal_one_by_one(tmp_path: Path, tiny_lm: Pat
     short = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
              for r in qa_rows(5)]
     f = write_jsonl(tmp_path / "d.jsonl", chat_rows(3) + short)
-    base = DataConfig(train=str(f), max_seq_len=96, cache=False)
+    base = DataConfig(train=str(f), max_seq_len=96, cache=False, padding_free=False)  # the 4D block-mask path
     single = build_data(base, tok)
     packed = build_data(base.model_copy(update={"packing": True}), tok)
     assert len(packed.train) < len(single.train) and packed.stats["packing_efficiency"] > 0.5
@@ -71,16 +71,20 @@ def test_packed_loss_and_gradients_equal_one_by_one(tmp_path: Path, tiny_lm: Pat
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
 
 
-def test_position_ids_alone_would_leak_across_examples(tmp_path: Path, tiny_lm: Path) -> None:
-    """Why the 4D mask exists: without it the loss of a packed row differs from the examples' own."""
+def test_position_ids_alone_would_leak_across_examples(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why the 4D mask exists: position ids alone keep packed examples apart only where transformers recognises the
+    packing from them (5.23 does, without a KV cache); without that the loss of a packed row differs from the
+    examples' own, and the explicit mask does not depend on it."""
     import torch
+    import transformers.masking_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.training.loop import loss_sum
 
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     f = write_jsonl(tmp_path / "d.jsonl", qa_rows(4))
-    cfg = DataConfig(train=str(f), max_seq_len=64, cache=False, packing=True)
+    cfg = DataConfig(train=str(f), max_seq_len=64, cache=False, packing=True, padding_free=False)
     bundle = build_data(cfg, tok)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
     masked = bundle.collator(list(bundle.train))

@@ -86,3 +86,37 @@ def test_adapter_only_commands_refuse_it_clearly(classifier: Path, tmp_path: Pat
     with pytest.raises(FinetuneError, match="not a LoRA adapter"):
         export_lora_gguf(classifier)
     assert json.loads((classifier / "run.json").read_text())["base_model"] == read_adapter(classifier).base
+
+
+def test_engine_serves_a_full_model_next_to_its_base(tiny_lm: Path, tmp_path: Path, train_tiny) -> None:
+    """The demo and `finetune serve` accept a fully fine-tuned folder: greedy output equals plain transformers on
+    that model, and Compare pairs it with the base model it started from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.data.prompting import prompt_ids, stop_token_ids
+    from finetune.serving.engine import BASE, GenerationParams, load_engine
+    from finetune.testing import farewell_rows, last
+
+    folder = train_tiny(tmp_path, tiny_lm, farewell_rows(), "fullgen", steps=30, lora={"enabled": False},
+                        train={"learning_rate": 1e-3})
+    engine = load_engine([folder])
+    try:
+        assert engine.names() == [BASE, "fullgen"] and engine.card("fullgen").full
+        greedy = GenerationParams(max_new_tokens=8, temperature=0)
+        got = last(engine.generate("fullgen", "name: bob", greedy))
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = prompt_ids(tok, "name: bob", chat=read_adapter(folder).chat)  # rendered as training rendered it
+        for name, path in (("fullgen", folder), (BASE, tiny_lm)):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=stop_token_ids(tok, model.generation_config))
+            want = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+            assert last(engine.generate(name, "name: bob", greedy)) == want, name
+        assert got.startswith("bye")  # it learned the task: a fine-tuned model, not its base
+        assert last(engine.compare("fullgen", "name: bob", greedy)) == (last(engine.generate(BASE, "name: bob", greedy)),
+                                                                        got)
+    finally:
+        engine.close()

@@ -89,7 +89,8 @@ def test_classification_counts_examples_and_explains_its_head(tiny_encoder: Path
     metrics = json.loads((adapter / "run.json").read_text())["metrics"]
     assert metrics["examples"] == 8 and "tokens" not in metrics
     rows = [json.loads(x) for x in (adapter / "metrics.jsonl").read_text().splitlines()]
-    assert "examples_per_s" in rows[0] and "tokens_per_s" not in rows[0]
+    assert "examples_per_s" in rows[0] and "targets_per_s" not in rows[0] and "tokens" not in rows[0]
+    assert rows[0]["tokens_per_s"] > 0  # the input tokens the encoder read, for either kind of run
 
 
 @pytest.mark.parametrize(("text", "hidden", "kept"), [

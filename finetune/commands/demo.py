@@ -1,19 +1,18 @@
-"""`finetune demo [ADAPTER_DIR ...] [--base MODEL]`: serve demo/app.py on this machine (loopback by default)."""
+"""`finetune demo [ADAPTER_DIR ...] [--base MODEL]`: serve the demo page (finetune/serving/demo/) on this machine,
+loopback by default, and print its address."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
 from finetune.errors import FinetuneError
+from finetune.serving.demo import build_app, launch
 from finetune.serving.engine import Limits, load_engine
 
 HELP = "Try adapters in a local web page: generate, chat, compare with the base, classify (gradio)."
-APP_FILE = Path(__file__).resolve().parents[2] / "demo" / "app.py"
 AUTH_ENV = "FINETUNE_DEMO_AUTH"  # "user:password", so the password stays out of `ps` and shell history
 
 
@@ -39,28 +38,20 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(f"warning: serving on {args.host} without --auth-file: anyone who can reach this port can use it",
               file=sys.stderr)
-    app_module = load_app_module()
-
     engine = load_engine(args.adapters, args.base, Limits(args.max_prompt_tokens, args.max_new_tokens))
-    app = app_module.build_app(engine, concurrency_limit=args.concurrency, queue_size=args.queue_size)
-    print(f"demo: serving {', '.join(engine.names())} (Ctrl+C stops it)", flush=True)
-    app_module.launch(app, host=args.host, port=args.port, auth=auth, block=True)
+    app = build_app(engine, concurrency_limit=args.concurrency, queue_size=args.queue_size)
+    url = launch(app, host=args.host, port=args.port, auth=auth, block=False)
+    print(f"demo: serving {', '.join(engine.names())}", flush=True)
+    print(f"demo: open {url} (Ctrl+C stops it)", flush=True)
+    try:
+        app.block_thread()  # returns on Ctrl+C (gradio closes the server)
+    finally:
+        app.close()
     return 0
 
 
-def load_app_module() -> ModuleType:
-    """demo/app.py lives beside the package (a source checkout or an editable install), not inside it."""
-    if not APP_FILE.is_file():
-        raise FinetuneError(f"demo app not found at {APP_FILE}: run `finetune demo` from a source checkout "
-                            "(pip install -e .) of finetune")
-    spec = importlib.util.spec_from_file_location("finetune_demo_app", APP_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def read_auth(path: Path | None, env_value: str | None) -> list[tuple[str, str]] | None:
+    """user:password pairs from --auth-file (one per line, # comments) or the environment; None for no auth."""
     lines = _auth_lines(path) if path else [env_value] if env_value else []
     pairs = []
     for number, line in enumerate(lines, start=1):

@@ -93,8 +93,15 @@ class DataConfig(Section):
     )
     packing_attention: Literal["block_mask", "varlen"] = Field(
         default="block_mask",
-        description="How packed examples are kept apart: block_mask (a 4D mask, for sdpa/eager, CPU or GPU) or "
-        "varlen (position_ids only, for model.attn_implementation=flash_attention_2).",
+        description="How packed examples are kept apart when data.padding_free is off: block_mask (a 4D mask, for "
+        "sdpa/eager, CPU or GPU) or varlen (position_ids only, for model.attn_implementation=flash_attention_2).",
+    )
+    padding_free: bool = Field(
+        default=True,
+        description="Causal LM: run each micro-batch as one row of its examples back to back, no padding, attention "
+        "kept inside each example (sdpa once per example, or flash attention's varlen kernel). Same loss and "
+        "gradients as padded batches, without computing the padding. Needs attn_implementation auto, sdpa or "
+        "flash_attention_2; off: padded batches (eager, flex_attention).",
     )
     streaming: bool = Field(
         default=False,

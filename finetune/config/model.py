@@ -20,8 +20,9 @@ class ModelConfig(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="Dtype the base weights are loaded in. auto: float32 on CPU (LoRA math stays exact), the "
-        "checkpoint's dtype on GPU.",
+        description="Dtype the base weights are loaded in. auto: bfloat16 for a LoRA run with bf16 precision (the "
+        "frozen base; LoRA weights and optimizer state stay float32), else float32 on CPU and the checkpoint's "
+        "dtype on GPU.",
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = Field(
         default="auto", description="Attention kernel; auto lets transformers choose (sdpa where available)."

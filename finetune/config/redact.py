@@ -29,8 +29,8 @@ _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]+:)[^\s@/]+(@)")
 # YAML / JSON / env lines whose key names a secret; null/true/false and empty values are kept as they are.
 # The key must *end* in token/api_key/... (max_new_tokens, tokenizer are not secrets) or contain secret/password.
-SECRET_KEY = (r"(?:[\w-]*(?:secret|password|passwd)[\w-]*"
-              r"|[\w-]*(?:token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?))")
+SECRET_KEY = (r"(?:[\w.-]*(?:secret|password|passwd)[\w-]*"  # dotted keys too: the job echo prints model.hub_token
+              r"|[\w.-]*(?:token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?))")
 _KEY_LINE = re.compile(
     r"(?im)^(\s*[\"']?" + SECRET_KEY + r"[\"']?\s*[:=]\s*)(?![\"']?(?:null|none|true|false|~)?[\"']?\s*,?\s*$)(\S.*?)(,?)\s*$"
 )

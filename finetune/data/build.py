@@ -14,7 +14,7 @@ from finetune.config.data import DataConfig, SourceConfig
 from finetune.data import cache, mixing, packing
 from finetune.data.chain import encoded, needs_end_of_turn, records
 from finetune.data.chat import check_end_of_turn
-from finetune.data.collate import PackedCollator, PadCollator
+from finetune.data.collate import PackedCollator, PadCollator, PaddingFreeCollator
 from finetune.data.encode import Counts, Encoder
 from finetune.data.formats import Record, detect_format
 from finetune.data.preference import PreferenceCollator, collator_for, encoder_for
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 class DataBundle:
     train: Any  # ExampleTable (map-style), or StreamingExamples (an IterableDataset) when streaming
     validation: Any | None
-    collator: PadCollator | PackedCollator | PreferenceCollator
+    collator: PadCollator | PackedCollator | PaddingFreeCollator | PreferenceCollator
     fingerprint: str
     format: str
     chat: bool  # whether prompts go through the chat template (inference must do the same)
@@ -59,20 +59,20 @@ class Plan:
 def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, task: str = "causal_lm") -> DataBundle:
     plan = make_plan(cfg, tok, task)
     if cfg.streaming:
-        return _streaming_bundle(cfg, tok, plan)
+        return _streaming_bundle(cfg, tok, plan, task)
     hashes = [source_fingerprint(s) for s in plan.train + plan.validation]
     fp = cache.fingerprint(cfg, tok, task, hashes)
     hit = cache.load(cfg, fp) if cfg.cache else None
     if hit is not None:
         stats = {**hit["stats"], "cache": "hit"}
-        return DataBundle(hit["train"], hit["validation"], collator_for(cfg, tok, plan.format), fp, plan.format, plan.chat,
-                          stats, hit["labels"])
+        return DataBundle(hit["train"], hit["validation"], collator_for(cfg, tok, plan.format, task), fp, plan.format,
+                          plan.chat, stats, hit["labels"])
     with _gc_paused():
         train, val, stats = _materialise(cfg, tok, plan)
     if cfg.cache:
         cache.save(cfg, fp, train, val, {"stats": stats, "labels": plan.labels})
-    return DataBundle(train, val, collator_for(cfg, tok, plan.format), fp, plan.format, plan.chat, {**stats, "cache": "miss"},
-                      plan.labels)
+    return DataBundle(train, val, collator_for(cfg, tok, plan.format, task), fp, plan.format, plan.chat,
+                      {**stats, "cache": "miss"}, plan.labels)
 
 
 @contextmanager
@@ -203,11 +203,11 @@ def _stats(cfg: DataConfig, plan: Plan, counts: list[Counts], used: list[int], b
     return out
 
 
-def _streaming_bundle(cfg: DataConfig, tok: Any, plan: Plan) -> DataBundle:
+def _streaming_bundle(cfg: DataConfig, tok: Any, plan: Plan, task: str) -> DataBundle:
     from finetune.data.stream import (
         streaming_bundle_parts,  # imports torch (IterableDataset): only when streaming
     )
 
     train, val, stats, labels = streaming_bundle_parts(cfg, tok, plan)
     fp = cache.fingerprint(cfg, tok, "stream", [str(s.model_dump()) for s in plan.train + plan.validation])
-    return DataBundle(train, val, collator_for(cfg, tok, plan.format), fp, plan.format, plan.chat, stats, labels)
+    return DataBundle(train, val, collator_for(cfg, tok, plan.format, task), fp, plan.format, plan.chat, stats, labels)

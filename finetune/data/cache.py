@@ -19,7 +19,7 @@ ENCODING_VERSION = "3"  # bump when the encoding of examples changes, so old cac
 def fingerprint(cfg: DataConfig, tok: Any, task: str, source_hashes: list[str]) -> str:
     h = hashlib.sha256(ENCODING_VERSION.encode())
     h.update(task.encode())
-    h.update(json.dumps(cfg.model_dump(exclude={"cache", "cache_dir"}), sort_keys=True, default=str).encode())
+    h.update(json.dumps(cfg.model_dump(exclude={"cache", "cache_dir", "padding_free"}), sort_keys=True, default=str).encode())
     for s in source_hashes:
         h.update(s.encode())
     h.update(tokenizer_hash(tok).encode())

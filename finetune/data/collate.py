@@ -63,6 +63,44 @@ class PackedCollator:
         return batch
 
 
+@dataclass
+class PaddingFreeCollator:
+    """A micro-batch as ONE row without padding: the examples (or the examples of packed rows) one after another,
+    position ids restarting per example, and the example boundaries as `cu_seq_lens_q/k` + `max_length_q/k` (the
+    names transformers' flash-attention path reads; finetune.model.attention reads them on sdpa). Attention stays
+    inside each example, so loss and gradients equal the padded batch's while no position is spent on padding.
+
+    The first label of each example is masked: the row's shifted loss would otherwise predict it from the previous
+    example's last token (a padded example never uses its first label either, so nothing trained is lost)."""
+
+    pad_id: int  # for `padded`, the same rows as a padded batch (probes, and models that cannot take segments)
+
+    padding_free = True  # the training loop switches the model to per-example attention for these batches
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        lens = [n for r in rows for n in (r.get("seq_lens") or [len(r["input_ids"])])]
+        ids = [t for r in rows for t in r["input_ids"]]
+        labels = [t for r in rows for t in r["labels"]]
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        for s in starts[:-1]:
+            labels[s] = IGNORE
+        cu = torch.tensor(starts, dtype=torch.int32)
+        longest = max(lens)
+        return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([[p for n in lens for p in range(n)]], dtype=torch.long),
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+    def padded(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The same examples as a padded batch (packed rows keep their block mask)."""
+        if any(r.get("seq_lens") for r in rows):
+            return PackedCollator(self.pad_id)(rows)
+        return PadCollator(self.pad_id)(rows)
+
+
 def additive(allowed: Any, dtype_name: str) -> Any:
     import torch
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from finetune.config.data import DataConfig
 from finetune.data.chat import IGNORE
-from finetune.data.collate import PackedCollator, PadCollator
+from finetune.data.collate import PackedCollator, PadCollator, PaddingFreeCollator
 from finetune.data.encode import Counts, Encoder, Example
 from finetune.data.formats import Record, preference_sides
 from finetune.errors import DataError
@@ -99,10 +99,13 @@ def encoder_for(cfg: DataConfig, tok: Any, chat: bool, labels: list[str] | None,
     return PreferenceEncoder(cfg, tok, chat) if fmt == "preference" else Encoder(cfg, tok, chat, labels)
 
 
-def collator_for(cfg: DataConfig, tok: Any, fmt: str) -> PadCollator | PackedCollator | PreferenceCollator:
-    """The collator of a data plan's format: pairs, packed rows or padded examples."""
+def collator_for(cfg: DataConfig, tok: Any, fmt: str, task: str = "causal_lm"
+                 ) -> PadCollator | PackedCollator | PaddingFreeCollator | PreferenceCollator:
+    """The collator of a data plan's format: pairs, padding-free micro-batches, packed rows or padded examples."""
     if fmt == "preference":
         return PreferenceCollator(tok.pad_token_id)
+    if cfg.padding_free and task == "causal_lm":
+        return PaddingFreeCollator(tok.pad_token_id)
     if cfg.packing:
         return PackedCollator(tok.pad_token_id, varlen=cfg.packing_attention == "varlen")
     return PadCollator(tok.pad_token_id)

@@ -1,4 +1,5 @@
-"""Will this adapter load where it is going? The loading rules of peft, vLLM, TGI and llama.cpp as one table.
+"""Will this adapter load where it is going? The loading rules of peft, vLLM, SGLang, TGI (legacy) and llama.cpp as
+one table.
 
 Each rule reads only adapter_config.json, the safetensors file (header, and every tensor's bytes checked for
 truncation and NaN / inf) and, when it is a local folder, the base's config.json: no torch, answers in well under
@@ -19,14 +20,20 @@ from finetune.errors import FinetuneError
 from finetune.lifecycle.folder import is_full_model
 from finetune.lifecycle.weights import FIX, read_header, weights_problems
 
-TARGETS = ("peft", "vllm", "tgi", "llama.cpp")
-SERVERS = ("vllm", "tgi", "llama.cpp")  # everything that serves a causal LM from the adapter file alone
+TARGETS = ("peft", "vllm", "sglang", "tgi", "llama.cpp")
+SERVERS = ("vllm", "sglang", "tgi", "llama.cpp")  # everything that serves a causal LM from the adapter file alone
+LEGACY = {"tgi": "TGI has been in maintenance mode since December 2025: prefer vLLM or SGLang for new deployments"}
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 TGI_MAX_RANK = 128
 TGI_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+# SGLang maps peft module names onto its fused layers (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and applies LoRA
+# only to the layers it knows (sglang/srt/lora/utils.py: get_normalized_target_modules, get_hidden_dim)
+SGLANG_MODULES = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "out_proj", "gate_proj", "up_proj",
+                  "gate_up_proj", "down_proj", "embed_tokens", "lm_head"}
 REQUIRED_KEYS = {
     "peft": ("peft_type", "r", "lora_alpha", "target_modules"),
     "vllm": ("r", "lora_alpha", "target_modules"),
+    "sglang": ("r", "lora_alpha", "target_modules"),
     "tgi": ("r", "lora_alpha", "target_modules", "base_model_name_or_path"),
     "llama.cpp": ("lora_alpha", "base_model_name_or_path"),
 }
@@ -232,6 +239,18 @@ def _tgi_modules(f: AdapterFacts, target: str) -> list[str]:
     return [f"LoRA on {', '.join(odd)}; TGI applies LoRA only to {', '.join(sorted(TGI_MODULES))}"] if odd else []
 
 
+def _sglang_modules(f: AdapterFacts, target: str) -> list[str]:
+    out = []
+    targets = f.config.get("target_modules")
+    if isinstance(targets, str) and targets not in ("all", "all-linear"):
+        out.append(f"target_modules is the pattern {targets!r}; SGLang accepts a list of names, 'all' or 'all-linear'")
+    modules = {m.group(1).rsplit(".", 1)[-1] for k in f.tensors if (m := LORA_KEY.match(k))}
+    odd = sorted(modules - SGLANG_MODULES)
+    if odd:
+        out.append(f"LoRA on {', '.join(odd)}; SGLang applies LoRA only to {', '.join(sorted(SGLANG_MODULES))}")
+    return out
+
+
 def _base_known(f: AdapterFacts, target: str) -> list[str]:
     base = str(f.config.get("base_model_name_or_path") or "")
     if base.startswith("/") and not Path(base).is_dir():
@@ -268,8 +287,10 @@ RULES: tuple[Rule, ...] = (
     Rule("embeddings", SERVERS, _embeddings,
          "do not add tokens or train embeddings for a served adapter; otherwise serve the merged model (finetune merge)"),
     Rule("bias", SERVERS, _bias, "retrain without bias training, or serve the merged model (finetune merge)"),
-    Rule("single-scale", ("tgi", "llama.cpp"), _single_scale,
+    Rule("single-scale", ("sglang", "tgi", "llama.cpp"), _single_scale,
          "for llama.cpp use `finetune export --format gguf` (it folds each layer's true scale into lora_b); "
          "otherwise retrain with lora.use_rslora: false"),
     Rule("tgi-modules", ("tgi",), _tgi_modules, "retrain with lora.target_modules limited to the attention and MLP projections"),
+    Rule("sglang-modules", ("sglang",), _sglang_modules,
+         "retrain with lora.target_modules: all-linear or a list of the attention and MLP projections"),
 )

@@ -81,6 +81,15 @@ def model_kwargs(cfg: ModelConfig, quantization: str = "none") -> dict[str, Any]
     return kwargs
 
 
+def training_dtype(cfg: ModelConfig, mixed_precision: str, trains_base: bool, quantization: str = "none") -> ModelConfig:
+    """`dtype: auto` resolved for a training run: under bf16 autocast a LoRA run keeps the frozen base in bfloat16
+    (half the memory, and no float32 -> bf16 cast of every weight on every forward); the trained weights and the
+    optimizer state stay float32 (finetune.model.lora). Full fine-tuning and QLoRA keep their own rules."""
+    if cfg.dtype != "auto" or mixed_precision != "bf16" or trains_base or quantization != "none":
+        return cfg
+    return cfg.model_copy(update={"dtype": "bfloat16"})
+
+
 def _bnb_config(quantization: str) -> Any:
     import torch
     from transformers import BitsAndBytesConfig

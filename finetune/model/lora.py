@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +61,7 @@ def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm", start:
         modules_to_save=cfg.modules_to_save or None,
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        return _trained_in_float32(get_peft_model(model, peft_cfg))
     except ValueError as exc:
         if "not found in the base model" not in str(exc) and "Target modules" not in str(exc):
             raise
@@ -100,6 +101,29 @@ def _lora_params(model: nn.Module, cfg: LoraConfig) -> int:
         if wanted and hasattr(module, "in_features"):
             total += cfg.r * (module.in_features + module.out_features)
     return total
+
+
+def _trained_in_float32(model: Any) -> Any:
+    """Trained weights (LoRA matrices, a new classifier head) in float32 even on a bf16 base: AdamW's updates would
+    round away in bf16, and peft keeps only the LoRA matrices in float32 by itself."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    return model
+
+
+def autocast_lora_inputs(model: nn.Module) -> AbstractContextManager[Any]:
+    """For forwards under autocast: LoRA layers take their input as it comes (bf16) instead of copying it to the
+    LoRA weights' float32 first. Autocast casts it back to bf16 for the matmul anyway, so the numbers are the same
+    (bf16 -> float32 -> bf16 is exact), without two copies of every LoRA layer's input and of its gradient. Plain
+    LoRA only: DoRA and quantized bases keep peft's casting."""
+    from peft.helpers import disable_input_dtype_casting
+
+    dora = any(any(flags.values()) for m in model.modules() if isinstance(flags := getattr(m, "use_dora", None), dict))
+    quantized = any(not p.is_floating_point() for p in model.parameters())
+    return nullcontext() if dora or quantized else disable_input_dtype_casting(model)
 
 
 def param_report(model: nn.Module) -> ParamReport:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config.train import TrainConfig
 from finetune.errors import FinetuneError
+from finetune.model.attention import restore_attention, use_segment_attention
+from finetune.model.lora import autocast_lora_inputs
 from finetune.training import checkpoint as ckpt
-from finetune.training.loss import loss_sum, target_count
+from finetune.training.loss import loss_sum, target_count, to_device
 from finetune.training.modes import eval_mode as _eval_mode
 from finetune.training.preference import Preference, evaluate_objective, make_objective, reduced_sums
 from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from, validation_share
@@ -33,7 +36,9 @@ if TYPE_CHECKING:
 @dataclass
 class TrainResult:
     steps: int = 0
-    tokens: int = 0
+    tokens: int = 0  # target tokens (examples for classification), the whole run
+    input_tokens: int = 0  # tokens the model read (padding excluded), this process's session
+    positions: int = 0  # positions computed (padding included), this process's session
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     eval_loss: float | None = None
@@ -126,6 +131,8 @@ class _Loop:
         if self.preference is not None:
             self.preference.attach(model)  # before the optimizer collects the trainable parameters
         self.last: dict[str, float] = {}
+        self.collate, self.attention = self._batching(model, data.collator)
+        self.seen = [0, 0, 0]  # this session: target tokens, input tokens, positions (rates survive a resume)
         sized = is_sized(data.train)
         self.plan = DataPlan(len(data.train) if sized else None, cfg.seed)
         self.total = total_steps(cfg, self.plan.size, acc.num_processes)
@@ -155,6 +162,17 @@ class _Loop:
         self.log = MetricsLog(acc, work, work.name, hparams, list(cfg.trackers), self.unit)
         self.stream = None if sized else stream_from(data.train, self.plan.cursor)
 
+    def _batching(self, model: Any, collator: Any) -> tuple[Any, str | None]:
+        """Padding-free batches need attention that keeps their examples apart; other kernels get padded batches."""
+        if not getattr(collator, "padding_free", False):
+            return collator, None
+        try:
+            return collator, use_segment_attention(model)
+        except ValueError as exc:
+            self.acc.print(f"padded batches: {exc} (padding-free batches need model.attn_implementation auto, sdpa or "
+                           "flash_attention_2)")
+            return collator.padded, None
+
     def _resume(self) -> Path | None:
         found = ckpt.resume_from(self.cfg.resume, self.ckpt_dir, self.inner, self.job, self.total, self.acc.print)
         if found is None:
@@ -172,9 +190,27 @@ class _Loop:
     def run(self) -> TrainResult:
         result, start = TrainResult(resumed_from=str(self.resumed) if self.resumed else None, unit=self.unit), time.perf_counter()
         self.log.start(self.state.step if self.resumed else None)
-        profiler = StepProfiler(self.cfg.profile_steps, self.work / PROFILE, self.acc.is_main_process, self.state.step + 1)
         self.model.train()
-        with ProgressBar(self.acc, self.total, self.state.step) as progress, StopSignal() as stop:
+        with self._fast_paths():
+            self._steps(result, start)
+            self._finish(result, start)
+        return result
+
+    @contextmanager
+    def _fast_paths(self) -> Iterator[None]:
+        """Per-example attention for padding-free batches and, under autocast, LoRA inputs kept in bf16; both undone
+        afterwards, so the trained model runs as plain transformers + peft (the save verification, later use)."""
+        casting = autocast_lora_inputs(self.inner) if self.acc.mixed_precision != "no" else nullcontext()
+        try:
+            with casting:
+                yield
+        finally:
+            restore_attention(self.inner, self.attention)
+
+    def _steps(self, result: TrainResult, start: float) -> None:
+        profiler = StepProfiler(self.cfg.profile_steps, self.work / PROFILE, self.acc.is_main_process, self.state.step + 1)
+        unit = "examples" if self.unit == "examples" else "target tokens"
+        with ProgressBar(self.acc, self.total, self.state.step, self.cfg.log_every, unit) as progress, StopSignal() as stop:
             while self.state.step < self.total:
                 row = self._step(start)
                 progress(self.state.step, row)
@@ -194,22 +230,22 @@ class _Loop:
                                    f"{self.cfg.early_stopping_patience} evaluations (best at step {self.state.best_step})")
                     break
         profiler.finish()
-        self._finish(result, start)
-        return result
 
     def _step(self, start: float) -> dict[str, Any]:
         rows = step_examples(self.data.train, self.plan, self.stream, self.per_step)
         step = self.state.step + 1
-        loss, tokens, extra = self._optimizer_step_with_oom_retry(rows, step)
+        loss, tokens, inputs, positions, extra = self._optimizer_step_with_oom_retry(rows, step)
         s = self.state
         s.step, s.cursor, s.tokens = step, self.plan.cursor, s.tokens + tokens
         s.losses.append(loss)
         self.last.update(extra)
-        elapsed = time.perf_counter() - start
+        self.seen = [self.seen[0] + tokens, self.seen[1] + inputs, self.seen[2] + positions]
+        elapsed = max(time.perf_counter() - start, 1e-9)
         return {"step": step, "loss": loss, **extra, "lr": self.scheduler.get_last_lr()[0], "tokens": s.tokens,
-                "tokens_per_s": round(s.tokens / max(elapsed, 1e-9), 1), "elapsed_s": round(elapsed, 2)}
+                "tokens_per_s": round(self.seen[1] / elapsed, 1), "targets_per_s": round(self.seen[0] / elapsed, 1),
+                "elapsed_s": round(elapsed, 2)}
 
-    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int, dict[str, float]]:
+    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int, int, int, dict[str, float]]:
         import torch
 
         while True:
@@ -234,22 +270,25 @@ class _Loop:
         self.acc.print(f"out of memory at step {step}: micro_batch_size -> {s.micro_batch_size}, gradient_accumulation"
                        f" -> {s.gradient_accumulation} (same effective batch); retrying the step")
 
-    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int, dict[str, float]]:
+    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int, int, int, dict[str, float]]:
         """One optimizer step over this rank's micro-batches; each micro loss is divided by the target tokens (the
         objective's counts: pairs for preference losses) of the whole step on all processes, so w processes x k
         micro-batches of b give the gradient of one batch of w*k*b. DDP averages gradients over processes, hence the
-        factor num_processes."""
+        factor num_processes. Returns the loss, the step's target count (all processes), this rank's input tokens and
+        positions, and the objective's metrics."""
         import torch
 
         acc, s, objective = self.acc, self.state, self.objective
-        micro = [self.data.collator(m) for m in rank_share(rows, s.micro_batch_size, s.gradient_accumulation,
-                                                              acc.process_index, acc.num_processes) if m]
+        shares = [m for m in rank_share(rows, s.micro_batch_size, s.gradient_accumulation, acc.process_index,
+                                        acc.num_processes) if m]
+        micro = [self.collate(m) for m in shares]
+        inputs = sum(_input_tokens(r) for m in shares for r in m)
         local = torch.tensor([sum(c) for c in zip(*(objective.counts(b) for b in micro), strict=True)] or [0] * objective.size)
         totals = [int(t) for t in acc.reduce(local.to(acc.device), reduction="sum").tolist()]
         running = torch.zeros((), device=acc.device)
         sums: dict[str, Any] = {}
         for i, batch in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = to_device(batch, acc.device)
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
                 loss, stats = objective.loss(self.model, batch, totals, acc.num_processes)
@@ -267,7 +306,8 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, totals[0], objective.summary(reduced_sums(acc, sums), totals)
+        return (mean, totals[0], inputs, sum(int(b["input_ids"].numel()) for b in micro),
+                objective.summary(reduced_sums(acc, sums), totals))
 
     def _log_due(self) -> bool:
         return self.state.step % self.cfg.log_every == 0 or self.state.step == self.total
@@ -284,7 +324,7 @@ class _Loop:
 
     def _record_eval(self, row: dict[str, Any]) -> None:
         if self.preference is None:
-            loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc)
+            loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc, self.collate)
             row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
         else:
             loss, extra = evaluate_objective(self.preference, self.inner, self.data, self.state.micro_batch_size, self.acc)
@@ -327,16 +367,19 @@ class _Loop:
             self.preference.detach(self.inner)  # DPO's frozen reference adapter is not part of the result
             result.objective, result.last = self.preference.describe(), dict(self.last)
         result.steps, result.tokens, result.losses, result.model = s.step, s.tokens, list(s.losses), self.prepared
+        result.input_tokens, result.positions = self.seen[1], self.seen[2]
         result.eval_loss, result.best_step = s.best_loss, s.best_step
         result.seconds = time.perf_counter() - start
         result.peak_memory_mb = _peak_memory_mb()
         counted = "examples" if self.unit == "examples" else "target tokens"
-        self.acc.print(f"trained {s.step} steps in {result.seconds:.1f}s: {s.tokens:,} {counted}, "
+        self.acc.print(f"trained {s.step} steps in {result.seconds:.1f}s: {result.input_tokens:,} input tokens "
+                       f"({result.input_tokens / max(result.seconds, 1e-9):,.0f}/s), {s.tokens:,} {counted}, "
                        f"peak memory {result.peak_memory_mb:,.0f} MB")
 
 
-def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: Any) -> float:
-    """Mean loss per target token over the validation set; rank r evaluates examples r, r+w, ... (no repeats)."""
+def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: Any, collate: Any = None) -> float:
+    """Mean loss per target token over the validation set; rank r evaluates examples r, r+w, ... (no repeats).
+    `collate`: how batches are formed (default the bundle's collator)."""
     import torch
 
     assert data.validation is not None
@@ -346,13 +389,20 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     totals = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in data.collator(rows[i: i + batch_size]).items()}
+            batch = to_device((collate or data.collator)(rows[i: i + batch_size]), accelerator.device)
             with accelerator.autocast():
                 totals[0] += loss_sum(model, batch)
             totals[1] += target_count(batch)
     model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1].clamp(min=1))
+
+
+def _input_tokens(row: dict[str, Any]) -> int:
+    """The tokens the model reads for one example (both answers of a preference pair)."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return sum(len(v) for k, v in row.items() if k.endswith("input_ids"))
 
 
 def _peak_memory_mb() -> float:

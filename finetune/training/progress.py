@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import sys
+import time
 from typing import Any
 
 
@@ -29,14 +31,23 @@ class StopSignal:
 
 
 class ProgressBar:
-    """A rich progress bar with step/total, loss, lr, tokens/s and ETA, on the main process only."""
+    """Progress on the main process: a rich bar on a terminal; where stdout is not a terminal (CI, nohup, a cluster
+    job's log, where a bar would show nothing until the end) one plain line every `every` steps and at the last.
 
-    def __init__(self, accelerator: Any, total: int, done: int = 0):
-        self.enabled, self.total, self.done = accelerator.is_main_process, total, done
+    Rows carry `tokens_per_s` (input tokens the model reads, padding excluded) and `targets_per_s` (what the loss is
+    summed over: answer tokens, or examples for classification, named by `unit`)."""
+
+    def __init__(self, accelerator: Any, total: int, done: int = 0, every: int = 1, unit: str = "target tokens",
+                 terminal: bool | None = None):
+        self.enabled, self.total, self.done, self.every, self.unit = accelerator.is_main_process, total, done, every, unit
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.start = time.perf_counter()
 
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda step, row: None
+        if not self.terminal:
+            return self._line
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -45,11 +56,28 @@ class ProgressBar:
         task = self.bar.add_task("train", total=self.total, completed=self.done, info="")
 
         def update(step: int, row: dict[str, Any]) -> None:
-            info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
-            self.bar.update(task, completed=step, info=info)
+            self.bar.update(task, completed=step, info=self._info(row))
 
         return update
 
+    def _info(self, row: dict[str, Any]) -> str:
+        unit = "examples/s" if self.unit == "examples" else "target/s"
+        return (f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s  "
+                f"{row['targets_per_s']:,.{1 if self.unit == 'examples' else 0}f} {unit}")
+
+    def _line(self, step: int, row: dict[str, Any]) -> None:
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / max(step - self.done, 1) * (self.total - step)
+        print(f"step {step}/{self.total}  {self._info(row)}  elapsed {_clock(elapsed)}  ETA {_clock(left)}", flush=True)
+
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
+        if self.enabled and self.terminal:
             self.bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

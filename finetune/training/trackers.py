@@ -30,8 +30,9 @@ class MetricsLog:
         self.acc, self.main = accelerator, accelerator.is_main_process
         self.path = work / METRICS
         self.trackers = trackers
-        # The loop counts targets as "tokens"; a classifier's targets are examples, and its rows say so.
-        self.names = {"tokens": unit, "tokens_per_s": f"{unit}_per_s"}
+        # The loop counts targets as "tokens"; a classifier's targets are examples, and its rows say so
+        # (tokens_per_s stays: the input tokens the model read, for either kind).
+        self.names = {"tokens": unit, "targets_per_s": f"{unit}_per_s"} if unit != "tokens" else {}
         if trackers:
             accelerator.init_trackers(run_name, config=_flat(config))
 
