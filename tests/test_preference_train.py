@@ -50,11 +50,12 @@ def sft(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory, train_tiny: Cal
 
 
 def _dpo(tmp: Path, model: Path, name: str, rows: list[dict], write_job: Callable[..., Path], start: Path | None = None,
-         data: dict[str, Any] | None = None, lora: dict[str, Any] | None = None, **train: Any) -> Path:
+         data: dict[str, Any] | None = None, lora: dict[str, Any] | None = None, rows_file: str | None = None,
+         **train: Any) -> Path:
     from finetune.pipeline import run_train
 
     tmp.mkdir(parents=True, exist_ok=True)
-    path = write_jsonl(tmp / f"{name}.jsonl", rows)
+    path = write_jsonl(tmp / f"{rows_file or name}.jsonl", rows)
     job = write_job(tmp, model, path, model={"adapter": str(start)} if start else {}, lora=lora or {}, data=data or {},
                     train={"objective": "dpo", "max_steps": 4, "micro_batch_size": 2, **train}, output={"run_name": name})
     return run_train(load_config(job))
@@ -192,12 +193,13 @@ def test_a_conflicting_lora_section_or_another_base_is_refused(tiny_lm: Path, tm
 def test_resumed_dpo_run_equals_the_uninterrupted_one(tiny_lm: Path, tmp_path: Path, sft: Path, write_job) -> None:
     """The reference is rebuilt from model.adapter on resume; the trained weights come from the checkpoint."""
     rows = _pairs(8)
-    ref = _dpo(tmp_path, tiny_lm, "ref", rows, write_job, start=sft, checkpoint_every=2)
+    # one data file for both: resume checks that the checkpoint's job read the same data (its path included)
+    ref = _dpo(tmp_path, tiny_lm, "ref", rows, write_job, start=sft, rows_file="pairs", checkpoint_every=2)
     checkpoint = ref.parent / ".work" / "ref" / "checkpoints" / "step-00000002"
-    resumed = _dpo(tmp_path, tiny_lm, "resumed", rows, write_job, start=sft, resume=str(checkpoint))
+    resumed = _dpo(tmp_path, tiny_lm, "resumed", rows, write_job, start=sft, rows_file="pairs", resume=str(checkpoint))
     a, b = load_file(str(ref / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _metrics(resumed) == [{**m, "elapsed_s": n["elapsed_s"], "tokens_per_s": n["tokens_per_s"]}
+    assert _metrics(resumed) == [{**m, **{k: n[k] for k in ("elapsed_s", "tokens_per_s", "targets_per_s")}}
                                  for m, n in zip(_metrics(ref)[2:], _metrics(resumed), strict=True)]
 
 
