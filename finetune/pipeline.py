@@ -14,17 +14,21 @@ from finetune.config.redact import redact
 from finetune.data import DataBundle, build_data
 from finetune.data.prompt_record import describe_prompts
 from finetune.lifecycle import runinfo
+from finetune.lifecycle.fit import check_adapter_fits
+from finetune.lifecycle.folder import read_adapter
 from finetune.lifecycle.save import SaveRequest, check_output_free, save_adapter
 from finetune.model import (
     check_pair,
     load_base_model,
     load_tokenizer,
+    lora_of_adapter,
     param_report,
     resolve_source,
     training_dtype,
     wrap_lora,
 )
 from finetune.training import TrainResult, make_accelerator, train
+from finetune.training.preference import check_objective
 
 JOB_FILE = "job.yaml"  # in the run's work folder: the resolved job, written when training starts
 
@@ -34,6 +38,8 @@ def run_train(cfg: JobConfig) -> Path:
     from accelerate.utils import set_seed
 
     check_output_free(cfg)
+    if cfg.model.adapter:  # continuing an adapter: its LoRA settings, before anything is loaded
+        cfg = cfg.model_copy(update={"lora": lora_of_adapter(cfg.model.adapter, cfg.lora, cfg.task)})
     work = cfg.output.work_dir
     accelerator = make_accelerator(cfg.train, work)
     model_cfg = training_dtype(cfg.model, accelerator.mixed_precision, not cfg.lora.enabled, cfg.lora.quantization)
@@ -48,13 +54,16 @@ def run_train(cfg: JobConfig) -> Path:
     with _timed(timings, "data_s"):
         bundle = build_data(cfg.data, tokenizer, cfg.task)
     say(f"data: {bundle.stats}")
+    check_objective(cfg.train.objective, bundle.format, cfg.lora.enabled)
     with _timed(timings, "load_model_s"):
+        if cfg.model.adapter:
+            check_adapter_fits(read_adapter(cfg.model.adapter), source, cfg.model)  # before any weight is loaded
         base = load_base_model(source, cfg.model, cfg.task, cfg.lora.quantization, bundle.labels)
         check_pair(base, tokenizer, source, cfg.task)
-        net = wrap_lora(base, cfg.lora, cfg.task)
+        net = wrap_lora(base, cfg.lora, cfg.task, start=cfg.model.adapter)
     say(param_report(net).describe(cfg.lora.r if cfg.lora.enabled else None))
     with _timed(timings, "train_s"):
-        result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump(),
+        result = train(net, bundle, cfg.train, accelerator, work, cfg.model_dump(), start_adapter=cfg.model.adapter,
                        start_files={JOB_FILE: dump_config(cfg, comments=False)})
     with _timed(timings, "save_s"):
         info = _run_info(cfg, bundle, result, timings, accelerator, net)
@@ -108,6 +117,8 @@ def _run_info(cfg: JobConfig, bundle: DataBundle, result: TrainResult, timings: 
         "labels": bundle.labels,
         "params": {"trainable": params.trainable, "total": params.total, "lora_layers": params.wrapped,
                    "frozen_dtype": _frozen_dtype(net)},
+        "objective": result.objective,
+        "started_from": str(Path(cfg.model.adapter).resolve()) if cfg.model.adapter else None,
         "metrics": result.metrics(),
         "resumed_from": result.resumed_from,
         "timings": {**timings, "train_s": round(result.seconds, 2), "peak_memory_mb": round(result.peak_memory_mb, 1)},

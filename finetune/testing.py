@@ -89,6 +89,18 @@ def farewell_rows(n: int = 32) -> list[dict]:
     return [{"prompt": r["prompt"], "completion": r["completion"].replace("hello", "bye")} for r in qa_rows(n)]
 
 
+def preference_rows(n: int = 32, chat: bool = False) -> list[dict]:
+    """qa_rows as preference pairs: "hello <name>" preferred to "bye <name>" (the answers of farewell_rows); with
+    `chat`, in TRL's conversational shape (system + user prompt, one assistant message per side)."""
+    pairs = [{"prompt": q["prompt"], "chosen": q["completion"], "rejected": f["completion"]}
+             for q, f in zip(qa_rows(n), farewell_rows(n), strict=True)]
+    if not chat:
+        return pairs
+    return [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
 def class_rows(n: int = 32) -> list[dict]:
     """A separable two-class sentiment toy set (text + named label)."""
     words = [("great", "pos"), ("awful", "neg"), ("fine", "pos"), ("bad", "neg")]

@@ -114,13 +114,19 @@ def make_rows(n: int, templates: list[str], pools: dict[str, list[str]], rng: ra
     return rows
 
 
-def build() -> dict[str, list[dict]]:
-    rng = random.Random(SEED)
+def make_pools(rng: random.Random) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train pools, test pools) of first names, last names, cities and ages, each split 75/25 by `rng`."""
     train_pools: dict[str, list[str]] = {}
     test_pools: dict[str, list[str]] = {}
     ages = [str(a) for a in range(18, 90)]
     for key, values in (("first", FIRST), ("last", LAST), ("city", CITIES), ("age", ages)):
         train_pools[key], test_pools[key] = split_values(values, 0.25, rng)
+    return train_pools, test_pools
+
+
+def build() -> dict[str, list[dict]]:
+    rng = random.Random(SEED)
+    train_pools, test_pools = make_pools(rng)
     splits = {"train": make_rows(N_TRAIN, TRAIN_TEMPLATES, train_pools, rng),
               "test": make_rows(N_TEST, TEST_TEMPLATES, test_pools, rng)}
     check_disjoint(train_pools, test_pools)

@@ -30,13 +30,22 @@ def run(args: argparse.Namespace) -> int:
     color = sys.stdout.isatty()
     shown = bundle.train[: args.examples]
     for i, ex in enumerate(shown, 1):
-        print(f"── example {i} ({len(ex['input_ids'])} tokens) " + "─" * 20)
-        _print(render_example(tok, ex, bundle.labels, color), color)
+        for title, side in _sides(ex):
+            print(f"── example {i}{title} ({len(side['input_ids'])} tokens) " + "─" * 20)
+            _print(render_example(tok, side, bundle.labels, color), color)
     print("── stats " + "─" * 30)
     print(format_stats(bundle.stats, bundle.fingerprint))
     if not color:
         print(f"(trained tokens are shown between {OPEN} and {CLOSE}; examples of a packed row are separated by │)")
     return 0
+
+
+def _sides(ex: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A preference pair is shown as its two sides, each with its own trained tokens."""
+    if "chosen_input_ids" not in ex:
+        return [("", ex)]
+    return [(f" {name}", {"input_ids": ex[f"{name}_input_ids"], "labels": ex[f"{name}_labels"]})
+            for name in ("chosen", "rejected")]
 
 
 def render_example(tok: Any, ex: dict[str, Any], labels: list[str] | None, color: bool) -> str:

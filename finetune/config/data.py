@@ -6,7 +6,7 @@ from pydantic import Field, model_validator
 
 from finetune.config.base import Section, conflict
 
-Format = Literal["auto", "text", "prompt_completion", "instruction", "chat", "classification"]
+Format = Literal["auto", "text", "prompt_completion", "instruction", "chat", "classification", "preference"]
 
 
 class ColumnsConfig(Section):
@@ -15,7 +15,7 @@ class ColumnsConfig(Section):
     text: str = Field(default="text", description="Raw text (text format) or the input text (classification).")
     text_pair: str = Field(default="text_pair", description="Optional second text of a pair (classification).")
     label: str = Field(default="label", description="Class label, an int or a name (classification).")
-    prompt: str = Field(default="prompt", description="Prompt (prompt_completion format).")
+    prompt: str = Field(default="prompt", description="Prompt: a string or a list of messages (prompt_completion and preference formats).")
     completion: str = Field(default="completion", description="Answer (prompt_completion format).")
     instruction: str = Field(default="instruction", description="Instruction (alpaca instruction format).")
     input: str = Field(default="input", description="Optional extra input appended to the instruction.")
@@ -23,6 +23,8 @@ class ColumnsConfig(Section):
     messages: str = Field(default="messages", description="OpenAI-style list of {role, content} (chat format).")
     conversations: str = Field(default="conversations", description="ShareGPT list of {from, value} (chat format).")
     system: str = Field(default="system", description="Optional per-row system prompt (chat and instruction).")
+    chosen: str = Field(default="chosen", description="Preferred answer: a string, assistant message(s) or a whole chat (preference).")
+    rejected: str = Field(default="rejected", description="Dispreferred answer, same shapes as chosen (preference).")
 
 
 class SourceConfig(Section):
@@ -61,7 +63,7 @@ class DataConfig(Section):
         default="auto",
         description="Example shape. auto detects it from the first row: messages/conversations -> chat, "
         "prompt+completion -> prompt_completion, instruction+output -> instruction, text+label -> classification, "
-        "text -> text. The detected format is printed.",
+        "text -> text, chosen+rejected (with or without prompt) -> preference. The detected format is printed.",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column names, when they differ.")
     max_seq_len: int = Field(default=1024, ge=8, le=1_048_576, description="Longest example in tokens (and packed row length).")

@@ -16,7 +16,7 @@ from finetune.config.errors import ConfigError, ConfigProblem
 from finetune.config.job import JobConfig
 
 # Fields that name local files which must exist before any model is loaded.
-FILE_FIELDS = ("data.train", "data.validation")
+FILE_FIELDS = ("data.train", "data.validation", "model.adapter")
 
 # Names other tools use for our keys: spelling distance alone would not suggest these.
 SYNONYMS = {

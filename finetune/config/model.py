@@ -35,3 +35,9 @@ class ModelConfig(Section):
         description="Chat template for a tokenizer that has none: a built-in name (chatml, llama3, zephyr) or a "
         "path to a .jinja file. A tokenizer's own template is kept unless this is set.",
     )
+    adapter: str | None = Field(
+        default=None,
+        description="Start from this adapter folder (e.g. adapters/sft) instead of a new LoRA: checked to fit the base, "
+        "its LoRA settings reused (a conflicting lora: section is refused). With train.objective dpo, the reference is "
+        "the base plus this adapter, frozen.",
+    )

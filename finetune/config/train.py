@@ -5,10 +5,20 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from finetune.config.base import Section, conflict
+from finetune.config.preference import PreferenceConfig
 
 
 class TrainConfig(Section):
     seed: int = Field(default=42, description="Seed for weights init, dropout and data order.")
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = Field(
+        default="sft",
+        description="What the loss is. sft: the answers' likelihood (prompt/completion, instruction, chat, text). On "
+        "preference data (prompt/chosen/rejected): dpo (against a frozen reference: the model before this run), orpo "
+        "(NLL of chosen + odds ratio, no reference) or simpo (length-normalised margin, no reference).",
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Coefficients of dpo / orpo / simpo (paper defaults)."
+    )
     epochs: float = Field(default=1, gt=0, le=10_000, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(default=None, ge=1, le=100_000_000, description="Optimizer steps to run; overrides epochs.")
     micro_batch_size: int = Field(default=4, ge=1, le=65_536, description="Examples per forward pass on each process.")

@@ -17,6 +17,7 @@ from finetune.data.chat import check_end_of_turn
 from finetune.data.collate import PackedCollator, PadCollator, PaddingFreeCollator
 from finetune.data.encode import Counts, Encoder
 from finetune.data.formats import Record, detect_format
+from finetune.data.preference import PreferenceCollator, collator_for, encoder_for
 from finetune.data.prompting import uses_chat_template
 from finetune.data.sources import (
     BadRows,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 class DataBundle:
     train: Any  # ExampleTable (map-style), or StreamingExamples (an IterableDataset) when streaming
     validation: Any | None
-    collator: PadCollator | PackedCollator | PaddingFreeCollator
+    collator: PadCollator | PackedCollator | PaddingFreeCollator | PreferenceCollator
     fingerprint: str
     format: str
     chat: bool  # whether prompts go through the chat template (inference must do the same)
@@ -64,12 +65,14 @@ def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, task: str = "causa
     hit = cache.load(cfg, fp) if cfg.cache else None
     if hit is not None:
         stats = {**hit["stats"], "cache": "hit"}
-        return DataBundle(hit["train"], hit["validation"], _collator(cfg, tok, task), fp, plan.format, plan.chat, stats, hit["labels"])
+        return DataBundle(hit["train"], hit["validation"], collator_for(cfg, tok, plan.format, task), fp, plan.format,
+                          plan.chat, stats, hit["labels"])
     with _gc_paused():
         train, val, stats = _materialise(cfg, tok, plan)
     if cfg.cache:
         cache.save(cfg, fp, train, val, {"stats": stats, "labels": plan.labels})
-    return DataBundle(train, val, _collator(cfg, tok, task), fp, plan.format, plan.chat, {**stats, "cache": "miss"}, plan.labels)
+    return DataBundle(train, val, collator_for(cfg, tok, plan.format, task), fp, plan.format, plan.chat,
+                      {**stats, "cache": "miss"}, plan.labels)
 
 
 @contextmanager
@@ -95,7 +98,8 @@ def make_plan(cfg: DataConfig, tok: Any, task: str) -> Plan:
             _detect(src, cfg)
     formats = sorted({s.format for s in train + val})
     _check_task(formats, task)
-    pairs = any(f in ("prompt_completion", "instruction") for f in formats)
+    _check_preference(formats, cfg)
+    pairs = any(f in ("prompt_completion", "instruction", "preference") for f in formats)
     chat = "chat" in formats or (pairs and uses_chat_template(tok, cfg.use_chat_template))
     if "chat" in formats and cfg.use_chat_template == "never" and pairs:
         raise DataError("data: chat sources need the chat template, so the pair sources would be rendered both ways; "
@@ -120,12 +124,22 @@ def _check_task(formats: list[Any], task: str) -> None:
         raise DataError("data in the classification format (text + label) needs task: classification")
 
 
+def _check_preference(formats: list[Any], cfg: DataConfig) -> None:
+    if "preference" not in formats:
+        return
+    if formats != ["preference"]:
+        raise DataError(f"data: preference pairs (chosen/rejected) cannot be mixed with other formats {formats} in one "
+                        "job; train them in separate runs (e.g. SFT first, then model.adapter: <that adapter>)")
+    if cfg.packing:
+        raise DataError("data.packing does not apply to preference pairs (each pair is one example); turn it off")
+
+
 def _materialise(cfg: DataConfig, tok: Any, plan: Plan) -> tuple[ExampleTable, ExampleTable | None, dict[str, Any]]:
     bad = BadRows(cfg.on_bad_rows)
     rows = [list(records(s, cfg, bad, False)) for s in plan.train]
     val_rows = [list(records(s, cfg, bad, False)) for s in plan.validation]
     plan.labels = cfg.labels or _class_names(rows) if plan.format == "classification" else None
-    encoder = Encoder(cfg, tok, plan.chat, plan.labels)
+    encoder = encoder_for(cfg, tok, plan.chat, plan.labels, plan.format)
     counts = [Counts() for _ in rows]
     used = [0] * len(rows)
     streams = [encoded(iter(r), encoder, c) for r, c in zip(rows, counts, strict=True)]
@@ -189,14 +203,6 @@ def _stats(cfg: DataConfig, plan: Plan, counts: list[Counts], used: list[int], b
     return out
 
 
-def _collator(cfg: DataConfig, tok: Any, task: str) -> PadCollator | PackedCollator | PaddingFreeCollator:
-    if cfg.padding_free and task == "causal_lm":
-        return PaddingFreeCollator(tok.pad_token_id)
-    if cfg.packing:
-        return PackedCollator(tok.pad_token_id, varlen=cfg.packing_attention == "varlen")
-    return PadCollator(tok.pad_token_id)
-
-
 def _streaming_bundle(cfg: DataConfig, tok: Any, plan: Plan, task: str) -> DataBundle:
     from finetune.data.stream import (
         streaming_bundle_parts,  # imports torch (IterableDataset): only when streaming
@@ -204,4 +210,4 @@ def _streaming_bundle(cfg: DataConfig, tok: Any, plan: Plan, task: str) -> DataB
 
     train, val, stats, labels = streaming_bundle_parts(cfg, tok, plan)
     fp = cache.fingerprint(cfg, tok, "stream", [str(s.model_dump()) for s in plan.train + plan.validation])
-    return DataBundle(train, val, _collator(cfg, tok, task), fp, plan.format, plan.chat, stats, labels)
+    return DataBundle(train, val, collator_for(cfg, tok, plan.format, task), fp, plan.format, plan.chat, stats, labels)

@@ -32,4 +32,4 @@ def encoded(pairs: Iterator[tuple[Record, str]], encoder: Encoder, counts: Count
 
 def needs_end_of_turn(plan: Any) -> bool:
     """Answers must end with a trained EOS; raw text chunks and classification have no answers."""
-    return all(s.format in ("chat", "prompt_completion", "instruction") for s in plan.train)
+    return all(s.format in ("chat", "prompt_completion", "instruction", "preference") for s in plan.train)

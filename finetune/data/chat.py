@@ -140,7 +140,7 @@ class ChatEncoder:
 def check_end_of_turn(tok: Any, examples: list[dict[str, Any]], where: str) -> str:
     """The token that ends an answer must be trained, or the model never learns to stop. Checked on the first
     examples (any of them, since truncation may cut it from some). Returns the token's text."""
-    trained = {t for ex in examples for t in ex["labels"] if t != IGNORE}
+    trained = {t for ex in examples for t in ex.get("labels", ex.get("chosen_labels", [])) if t != IGNORE}
     if tok.eos_token_id in trained:
         return str(tok.eos_token)
     special = trained & set(getattr(tok, "all_special_ids", []))

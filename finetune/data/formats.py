@@ -1,7 +1,8 @@
 """The dataset formats: detect one from a row, and turn each row into one of four canonical records.
 
 A registry (FORMATS) maps a format name to its normaliser; a record is a small dict:
-text {text} | pair {prompt, completion, system} | chat {messages} | cls {text, text_pair, label}.
+text {text} | pair {prompt, completion, system} | chat {messages} | cls {text, text_pair, label} |
+preference {chosen, rejected}, whose two sides are pair or chat records sharing one prompt.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ def detect_format(row: dict[str, Any], where: str, cols: ColumnsConfig | None = 
         f"{where}: cannot tell the data format from the columns {sorted(row)}. Expected one of: "
         f"'{cols.messages}' or '{cols.conversations}' (chat), '{cols.prompt}'+'{cols.completion}' (prompt_completion), "
         f"'{cols.instruction}'+'{cols.output}' (instruction), '{cols.text}'+'{cols.label}' (classification), "
-        f"'{cols.text}' (text). Set data.format and data.columns to match your columns."
+        f"'{cols.text}' (text), '{cols.chosen}'+'{cols.rejected}' (preference). Set data.format and data.columns to "
+        "match your columns."
     )
 
 
 def _format_of(has: set[str], cols: ColumnsConfig) -> str | None:
+    if cols.chosen in has and cols.rejected in has:
+        return "preference"
     if cols.messages in has or cols.conversations in has:
         return "chat"
     if cols.prompt in has and cols.completion in has:
@@ -144,9 +148,80 @@ def _classification(row: dict[str, Any], c: ColumnsConfig, where: str, system: s
     return {"kind": "cls", "text": field(row, c.text, where), "text_pair": row.get(c.text_pair), "label": label}
 
 
+def _preference(row: dict[str, Any], c: ColumnsConfig, where: str, system: str | None) -> Record:
+    """TRL's preference shapes: prompt + chosen + rejected as strings (standard), or with messages (conversational:
+    the prompt a string or messages, each side a string or its assistant message), or chosen and rejected as whole
+    conversations sharing their first messages (implicit prompt; a prompt column is then ignored). Both sides become
+    records of one kind."""
+    for name in (c.chosen, c.rejected):
+        field(row, name, where, (str, list))
+    if row.get(c.prompt) is not None:
+        field(row, c.prompt, where, (str, list))
+    prompt, sides = row.get(c.prompt), (row[c.chosen], row[c.rejected])
+    system = row.get(c.system) or system
+    if not any(isinstance(v, list) for v in (prompt, *sides)):
+        if prompt is None:
+            raise MissingField(f"{where}: missing field '{c.prompt}': string answers need the prompt they answer "
+                               "(whole conversations in chosen/rejected carry their own)")
+        chosen, rejected = (_answer_text(v, where, n) for v, n in zip(sides, (c.chosen, c.rejected), strict=True))
+        _check_differ(chosen, rejected, where)
+        return {"kind": "preference", **{n: {"kind": "pair", "prompt": prompt, "completion": a, "system": system}
+                                         for n, a in (("chosen", chosen), ("rejected", rejected))}}
+    messages, answers = _conversational(prompt, sides, c, where)
+    if system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    _check_differ(answers[0]["content"], answers[1]["content"], where)
+    return {"kind": "preference", "chosen": {"kind": "chat", "messages": [*messages, answers[0]]},
+            "rejected": {"kind": "chat", "messages": [*messages, answers[1]]}}
+
+
+def _conversational(prompt: Any, sides: tuple[Any, Any], c: ColumnsConfig, where: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt messages, [chosen answer, rejected answer]), each answer one assistant message."""
+    convs = [[_openai_message(m, where, i) for i, m in enumerate(v)] if isinstance(v, list)
+             else [{"role": "assistant", "content": v}] for v in sides]
+    if prompt is None or all(len(conv) > 1 for conv in convs):
+        # implicit: the prompt is what both conversations share (whole conversations, as in ultrafeedback_binarized,
+        # carry their prompt even when a prompt column repeats it)
+        shared = 0
+        while shared < min(map(len, convs)) - 1 and convs[0][shared] == convs[1][shared]:
+            shared += 1
+        messages, convs = convs[0][:shared], [conv[shared:] for conv in convs]
+    elif isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [_openai_message(m, where, i) for i, m in enumerate(prompt)]
+    if not messages:
+        raise MissingField(f"{where}: chosen and rejected share no prompt message; give a '{c.prompt}' column")
+    answers = [_one_answer(conv, where, n) for conv, n in zip(convs, (c.chosen, c.rejected), strict=True)]
+    return list(messages), answers
+
+
+def _one_answer(conv: list[dict[str, Any]], where: str, name: str) -> dict[str, Any]:
+    if len(conv) != 1 or conv[0]["role"] != "assistant":
+        raise MissingField(f"{where}: '{name}' should be one assistant answer after the prompt, got the roles "
+                           f"{[m['role'] for m in conv]}")
+    return {"role": "assistant", "content": _answer_text(conv[0]["content"], where, name)}
+
+
+def _answer_text(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MissingField(f"{where}: '{name}' is empty: there is no answer to train on")
+    return value
+
+
+def _check_differ(chosen: str, rejected: str, where: str) -> None:
+    if chosen == rejected:
+        raise MissingField(f"{where}: chosen and rejected are identical, so there is nothing to prefer")
+
+
+def preference_sides(record: Record) -> tuple[Record, Record]:
+    """(chosen, rejected) records of a preference record, each a pair or chat record."""
+    return record["chosen"], record["rejected"]
+
+
 Normaliser = Callable[[dict[str, Any], ColumnsConfig, str, str | None], Record]
 FORMATS: dict[str, Normaliser] = {"text": _text, "prompt_completion": _prompt_completion, "instruction": _instruction,
-                                  "chat": _chat, "classification": _classification}
+                                  "chat": _chat, "classification": _classification, "preference": _preference}
 
 
 def normalise(row: dict[str, Any], fmt: str, cols: ColumnsConfig, where: str, system: str | None = None) -> Record:

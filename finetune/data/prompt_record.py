@@ -93,6 +93,8 @@ def _records(value: Any, cfg: DataConfig, limit: int) -> list[Record]:
 
 
 def _system_of(record: Record, chat: bool) -> str | None:
+    if record["kind"] == "preference":
+        record = record["chosen"]
     if record["kind"] == "chat":
         first = record["messages"][0]
         return str(first.get("content")) if first.get("role") == "system" else None

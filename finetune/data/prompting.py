@@ -44,7 +44,9 @@ def stop_token_ids(tok: PreTrainedTokenizerBase, generation_config: Any = None) 
 
 def prompt_of(record: dict[str, Any], chat: bool) -> str | Messages:
     """What generation is given for a canonical pair or chat record cut at its reference: everything before the
-    reference, as training rendered it (system prompt included)."""
+    reference, as training rendered it (system prompt included). A preference record's prompt is its sides'."""
+    if record["kind"] == "preference":
+        record = record["chosen"]
     if record["kind"] == "chat":
         return list(record["messages"][:-1])
     if not chat:
@@ -55,7 +57,10 @@ def prompt_of(record: dict[str, Any], chat: bool) -> str | Messages:
 
 def prompt_and_reference(record: dict[str, Any], chat: bool) -> tuple[str | Messages, str] | None:
     """(prompt, reference answer) of a pair or chat record (the last assistant turn of a chat); None for text
-    records and for chats whose last assistant turn has no prompt before it or no text."""
+    records and for chats whose last assistant turn has no prompt before it or no text. For a preference record:
+    its prompt and the chosen answer."""
+    if record["kind"] == "preference":
+        record = record["chosen"]
     if record["kind"] == "pair":
         return prompt_of(record, chat), str(record["completion"])
     if record["kind"] != "chat":

@@ -11,9 +11,10 @@ from torch.utils.data import IterableDataset
 
 from finetune.data.chain import encoded, needs_end_of_turn, records
 from finetune.data.chat import check_end_of_turn
-from finetune.data.encode import Counts, Encoder
+from finetune.data.encode import Counts
 from finetune.data.mixing import held_out, interleave
 from finetune.data.packing import pack_stream
+from finetune.data.preference import encoder_for
 from finetune.data.sources import BadRows
 from finetune.errors import DataError, FinetuneError
 
@@ -74,7 +75,7 @@ def streaming_bundle_parts(cfg: Any, tok: Any, plan: Any) -> tuple[StreamingExam
         raise DataError("data.streaming with classification data needs data.labels (the class names, in order), since "
                         "the labels cannot be collected from a stream before training")
     labels = list(cfg.labels) if plan.format == "classification" else None
-    encoder = Encoder(cfg, tok, plan.chat, labels)
+    encoder = encoder_for(cfg, tok, plan.chat, labels, plan.format)
     stats: dict[str, Any] = {"format": plan.format, "chat_template": plan.chat, "streaming": True, "max_seq_len": cfg.max_seq_len}
 
     def examples(sources: list[Any], role: str) -> Iterator[Example]:

@@ -2,7 +2,7 @@
 system prompt), so eval sees the rows as training saw them.
 
 prompt/completion and instruction rows: the completion is the reference. chat rows: the last assistant message is
-the reference and the messages before it the prompt. classification rows: text and label. text rows: loss only.
+the reference and the messages before it the prompt. preference rows: the chosen answer is the reference. classification rows: text and label. text rows: loss only.
 This is the one module of the eval stage that knows the data stage's API."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class EvalSet:
 
     @property
     def generative(self) -> bool:
-        return all(e.record["kind"] in ("pair", "chat") for e in self.examples)
+        return all(e.record["kind"] in ("pair", "chat", "preference") for e in self.examples)
 
 
 def data_config(job_data: DataConfig | None, path: str) -> DataConfig:
@@ -77,7 +77,12 @@ def load_eval_set(value: Sources, cfg: DataConfig, labels: list[str] | None, max
 
 
 def _format(src: Any, first: tuple[dict[str, Any], str]) -> str:
-    return src.format if src.format != "auto" else detect_format(first[0], where=first[1], cols=src.columns)
+    if src.format == "auto":
+        return detect_format(first[0], where=first[1], cols=src.columns)
+    cols = src.columns
+    if src.format != "preference" and first[0].get(cols.chosen) is not None and first[0].get(cols.rejected) is not None:
+        return "preference"  # pairs scoring an adapter trained on another format (e.g. the SFT stage before DPO)
+    return str(src.format)
 
 
 def _example(row: dict[str, Any], fmt: str, src: Any, cfg: DataConfig, labels: list[str] | None, where: str) -> Example:
@@ -86,6 +91,9 @@ def _example(row: dict[str, Any], fmt: str, src: Any, cfg: DataConfig, labels: l
         return Example(record, where, record["completion"])
     if record["kind"] == "chat":
         return _chat_example(record, where)
+    if record["kind"] == "preference":  # generation is scored against the chosen answer
+        chosen = record["chosen"]
+        return Example(record, where, chosen["completion"] if chosen["kind"] == "pair" else chosen["messages"][-1]["content"])
     if record["kind"] == "cls":
         return Example(record, where, label_index(record["label"], labels, where))
     return Example(record, where, None)

@@ -15,9 +15,10 @@ from typing import Any
 from finetune.config import load_config
 from finetune.data.prompting import prompt_of, stop_token_ids
 from finetune.errors import DataError, FinetuneError
-from finetune.evaluation.examples import EvalSet, data_config, load_eval_set
+from finetune.evaluation.examples import EvalSet, Example, data_config, load_eval_set
 from finetune.evaluation.generate import Decoding, decode, encode_prompts, generate
 from finetune.evaluation.harness import HarnessOptions, TaskSet, prompt_settings, run_harness
+from finetune.evaluation.preference import encode_pairs, preference_metrics
 from finetune.evaluation.report import write_outputs
 from finetune.evaluation.scoring import (
     classification_metrics,
@@ -191,8 +192,9 @@ class _Run:
         return self.classification(eval_set) if self.info.task == "classification" else self.causal(eval_set)
 
     def causal(self, eval_set: EvalSet) -> tuple[dict[str, Any], dict[str, Any]]:
-        chat = self.info.chat or any(e.record["kind"] == "chat" for e in eval_set.examples)
-        encoded = encode(eval_set.examples, self.cfg, self.tok, chat, None)
+        chat = self.info.chat or any(_answer(e).record["kind"] == "chat" for e in eval_set.examples)
+        encoded = encode([_answer(e) for e in eval_set.examples], self.cfg, self.tok, chat, None)
+        pairs = encode_pairs(eval_set.examples, self.cfg, self.tok, chat)
         gen = self._generation_setup(eval_set, chat) if eval_set.generative else None
         refs = [str(e.reference) for e in eval_set.examples]
         json_match = (references_are_json(refs) if self.opts.json_match is None else self.opts.json_match) and gen is not None
@@ -200,8 +202,9 @@ class _Run:
         for side in SIDES:
             with self.sides.use(side) as model:
                 loss, _ = forward(model, self.tok, encoded, self.opts.batch_size)
+                metrics = preference_metrics(model, self.tok, pairs, self.opts.batch_size) if pairs else {}
                 outputs, seconds = self._generate(model, gen) if gen else ([], 0.0)
-            metrics = generation_metrics(outputs, refs, json_match) if gen else {}
+            metrics.update(generation_metrics(outputs, refs, json_match) if gen else {})
             sides[side] = {"metrics": {**metrics, "loss": loss["loss"], "perplexity": loss["perplexity"]},
                            "outputs": outputs, "generate_s": round(seconds, 2)}
         return sides, ({"decoding": gen[1].to_dict()} if gen else {})
@@ -246,6 +249,13 @@ class _Run:
             sides.setdefault(side, {"metrics": {}, "outputs": []})["metrics"].update(general_loss=loss["loss"], general_perplexity=loss["perplexity"])
         extra["general"] = {"path": str(Path(path).resolve()), "rows": len(general.examples), "format": general.format,
                             "fingerprint": general.fingerprint}
+
+
+def _answer(example: Example) -> Example:
+    """The example whose answer the loss and generation score: a preference pair's chosen side."""
+    if example.record["kind"] != "preference":
+        return example
+    return Example(example.record["chosen"], example.where, example.reference)
 
 
 def _default_new_tokens(tok: Any, refs: list[str]) -> int:

@@ -102,7 +102,7 @@ def prompt_format(info: AdapterInfo) -> str:
 
 def training(info: AdapterInfo, base: str | None) -> str:
     rows: list[tuple[str, Any]] = [("base model", base or info.base), ("task", info.task)]
-    rows += _data_rows(info) + _method_rows(info) + _loop_rows(info) + _run_rows(info)
+    rows += _data_rows(info) + _method_rows(info) + _objective_rows(info) + _loop_rows(info) + _run_rows(info)
     table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows if v not in (None, "", []))
     out = f"## Training\n\n| setting | value |\n|---|---|\n{table}\n\nThe full job is in `finetune.yaml`, the run record in `run.json`."
     metrics = {k: v for k, v in (info.run.get("metrics") or {}).items() if number(v)}
@@ -132,6 +132,13 @@ def _method_rows(info: AdapterInfo) -> list[tuple[str, Any]]:
             ("lora_dropout", cfg.get("lora_dropout")), ("target modules", targets),
             ("modules trained in full", ", ".join(cfg.get("modules_to_save") or [])), ("rsLoRA", cfg.get("use_rslora")),
             ("DoRA", cfg.get("use_dora")), ("quantization (QLoRA)", quant), ("trainable parameters", trainable)]
+
+
+def _objective_rows(info: AdapterInfo) -> list[tuple[str, Any]]:
+    """The loss (sft, or dpo / orpo / simpo with its coefficients) and the adapter training continued from."""
+    objective = info.run.get("objective") or {}
+    rows = [("objective", objective.get("name"))] + [(k, v) for k, v in objective.items() if k != "name"]
+    return rows + [("started from adapter", info.run.get("started_from"))]
 
 
 def _loop_rows(info: AdapterInfo) -> list[tuple[str, Any]]:

@@ -9,8 +9,9 @@ from finetune.model.loading import (
     set_pad_token,
     training_dtype,
 )
-from finetune.model.lora import ParamReport, autocast_lora_inputs, param_report, wrap_lora
+from finetune.model.lora import ParamReport, autocast_lora_inputs, lora_of_adapter, param_report, wrap_lora
 from finetune.model.source import Source, resolve_source
 
-__all__ = ["ParamReport", "Source", "autocast_lora_inputs", "check_pair", "load_base_model", "load_model", "load_tokenizer", "param_report",
+__all__ = ["ParamReport", "Source", "autocast_lora_inputs", "check_pair", "load_base_model", "load_model", "load_tokenizer", "lora_of_adapter",
+           "param_report",
            "resolve_source", "set_pad_token", "training_dtype", "wrap_lora"]

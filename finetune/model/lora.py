@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune.config.lora import LoraConfig
@@ -35,8 +37,10 @@ class ParamReport:
         return f"{text}\n{self.head}" if self.head else text
 
 
-def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm") -> nn.Module:
-    """peft LoRA on the frozen base; QLoRA bases get peft's k-bit preparation (fp32 norms, input grads)."""
+def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm", start: str | Path | None = None) -> nn.Module:
+    """peft LoRA on the frozen base; QLoRA bases get peft's k-bit preparation (fp32 norms, input grads). `start`: an
+    adapter folder whose weights the training continues from (already checked to fit the base; see
+    `lora_of_adapter` for its settings)."""
     if not cfg.enabled:
         return model
     from peft import LoraConfig as PeftLoraConfig
@@ -44,6 +48,8 @@ def wrap_lora(model: nn.Module, cfg: LoraConfig, task: str = "causal_lm") -> nn.
 
     if cfg.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if start is not None:
+        return _continue_from(model, Path(start))
     peft_cfg = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=cfg.r,
@@ -133,6 +139,82 @@ def param_report(model: nn.Module) -> ParamReport:
         wrapped += 1
         formula += a.shape[0] * (a.shape[1] + b.shape[0])
     return ParamReport(trainable, total, wrapped, formula, _head_note(model))
+
+
+# our lora: field -> peft's adapter_config.json key
+LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+             "use_rslora": "use_rslora", "use_dora": "use_dora", "modules_to_save": "modules_to_save"}
+PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+
+
+def lora_of_adapter(folder: str | Path, cfg: LoraConfig, task: str = "causal_lm") -> LoraConfig:
+    """The LoRA settings of the adapter training continues from (model.adapter), with the job's quantization. A
+    setting the job states explicitly must agree with the adapter's: the weights cannot change shape or meaning."""
+    folder = Path(folder)
+    saved = _adapter_config(folder)
+    if saved.get("peft_type") != "LORA":
+        raise ModelError(f"model.adapter: {folder} is a {saved.get('peft_type')} adapter; only LoRA adapters can be continued")
+    if saved.get("task_type") not in (None, PEFT_TASKS[task]):
+        raise ModelError(f"model.adapter: {folder} was trained for {saved.get('task_type')}, this job's task is {task}")
+    if not cfg.enabled:
+        raise ModelError("model.adapter continues a LoRA adapter, but lora.enabled is false (full fine-tuning); remove one")
+    values = {ours: _normal(ours, saved.get(theirs)) for ours, theirs in LORA_KEYS.items()}
+    conflicts = [f"lora.{k}: the job sets {getattr(cfg, k)!r}, the adapter has {values[k]!r}"
+                 for k in LORA_KEYS if k in cfg.model_fields_set and not _agrees(k, getattr(cfg, k), values[k], folder)]
+    if conflicts:
+        raise ModelError(f"model.adapter: {folder} was trained with other LoRA settings than the job's lora: section:\n  "
+                         + "\n  ".join(conflicts) + "\nThe adapter's settings are reused when training continues: "
+                         "remove these keys from lora: (or start a new adapter without model.adapter).")
+    return cfg.model_copy(update=values)
+
+
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise ModelError(f"model.adapter: {folder.resolve()} is not an adapter folder (no adapter_config.json)")
+    return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _normal(key: str, value: Any) -> Any:
+    if key == "modules_to_save":
+        return sorted(value or [])
+    if key == "target_modules" and isinstance(value, list):
+        return sorted(value)
+    if key == "alpha":
+        return float(value)
+    return bool(value) if key in ("use_rslora", "use_dora") else value
+
+
+def _agrees(key: str, given: Any, saved: Any, folder: Path) -> bool:
+    if key == "target_modules" and isinstance(given, str) and isinstance(saved, list):
+        # peft saves "all-linear" expanded to module names: compare with what the adapter's own job asked for
+        return given == _job_targets(folder)
+    return bool(_normal(key, given) == saved)
+
+
+def _job_targets(folder: Path) -> Any:
+    import yaml
+
+    job = folder / "finetune.yaml"
+    if not job.is_file():
+        return None
+    return ((yaml.safe_load(job.read_text(encoding="utf-8")) or {}).get("lora") or {}).get("target_modules")
+
+
+def _continue_from(model: nn.Module, folder: Path) -> nn.Module:
+    """The adapter's weights, trainable; every tensor in its file must have found its place in the model."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
+
+    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        saved = set(f.keys())
+    loaded = set(get_peft_model_state_dict(peft_model))
+    if saved != loaded:
+        missing = sorted(saved ^ loaded)
+        raise ModelError(f"model.adapter: {folder} did not load whole into the model ({len(missing)} tensors differ, "
+                         f"e.g. {missing[:3]})")
+    return peft_model
 
 
 def _head_note(model: nn.Module) -> str:

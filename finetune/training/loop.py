@@ -18,7 +18,9 @@ from finetune.model.attention import restore_attention, use_segment_attention
 from finetune.model.lora import autocast_lora_inputs
 from finetune.training import checkpoint as ckpt
 from finetune.training.loss import loss_sum, target_count, to_device
-from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from
+from finetune.training.modes import eval_mode as _eval_mode
+from finetune.training.preference import Preference, evaluate_objective, make_objective, reduced_sums
+from finetune.training.processes import DataPlan, rank_share, step_examples, stream_from, validation_share
 from finetune.training.processes import make_accelerator as _make_accelerator
 from finetune.training.profiling import PROFILE, StepProfiler
 from finetune.training.progress import ProgressBar, StopSignal
@@ -45,13 +47,17 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: str | None = None
     model: Any = field(default=None, repr=False)  # as prepared by accelerate (DDP/FSDP-wrapped): what save must gather
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})  # name, coefficients, DPO's reference
+    last: dict[str, float] = field(default_factory=dict)  # preference metrics of the last step and evaluation
     unit: str = "tokens"  # what `tokens` counts: target tokens, or examples for a classifier (one label each)
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.steps,
-                               self.unit: self.tokens}
+                               self.unit: self.tokens, **self.last}
         if self.eval_loss is not None:
-            out.update(eval_loss=self.eval_loss, eval_perplexity=math.exp(min(self.eval_loss, 50)))
+            out.update(eval_loss=self.eval_loss)
+            if self.objective["name"] == "sft":
+                out.update(eval_perplexity=math.exp(min(self.eval_loss, 50)))
         if self.best_step is not None:
             out.update(best_step=self.best_step, stopped_early=self.stopped_early)
         return out
@@ -64,11 +70,13 @@ def make_accelerator(cfg: TrainConfig, work: Path | None = None) -> Accelerator:
 
 
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Accelerator, out_dir: Path,
-          hparams: dict[str, Any] | None = None, start_files: dict[str, str] | None = None) -> TrainResult:
+          hparams: dict[str, Any] | None = None, start_adapter: str | None = None,
+          start_files: dict[str, str] | None = None) -> TrainResult:
     """Train `model` in place; `out_dir` (the run's work folder) receives metrics, checkpoints and the profile, and
     `start_files` (name -> text, e.g. the resolved job) once the run has started: a run refused before its first step
-    (a checkpoint that does not match) writes nothing."""
-    loop = _Loop(model, data, cfg, accelerator, out_dir, hparams or {})
+    (a checkpoint that does not match) writes nothing. `start_adapter`: the adapter folder the model's LoRA weights
+    were loaded from (DPO's reference is then that adapter, frozen, instead of the base)."""
+    loop = _Loop(model, data, cfg, accelerator, out_dir, hparams or {}, start_adapter)
     loop.start_files = start_files or {}
     return loop.run()
 
@@ -96,8 +104,25 @@ def setup_model(model: Any, cfg: TrainConfig) -> None:
             model.config.use_cache = False
 
 
+class _Sft:
+    """The SFT objective in the preference objectives' shape (finetune.training.preference): the summed loss over
+    target tokens divided by the step's target tokens."""
+
+    name, size = "sft", 1
+
+    def counts(self, batch: dict[str, Any]) -> list[int]:
+        return [target_count(batch)]
+
+    def loss(self, model: Any, batch: dict[str, Any], totals: list[int], world: int) -> tuple[Any, dict[str, Any]]:
+        return loss_sum(model, batch) * (world / max(totals[0], 1)), {}
+
+    def summary(self, sums: dict[str, float], totals: list[int]) -> dict[str, float]:
+        return {}
+
+
 class _Loop:
-    def __init__(self, model: Any, data: Any, cfg: TrainConfig, acc: Any, work: Path, hparams: dict[str, Any]):
+    def __init__(self, model: Any, data: Any, cfg: TrainConfig, acc: Any, work: Path, hparams: dict[str, Any],
+                 start_adapter: str | None = None):
         import torch
         from transformers import get_scheduler
 
@@ -106,6 +131,11 @@ class _Loop:
         if cfg.eval_every and not data.validation:
             raise FinetuneError("train.eval_every needs validation data: set data.validation (or data.val_size)")
         setup_model(model, cfg)
+        self.preference = make_objective(cfg, start_adapter)
+        self.objective: Preference | _Sft = self.preference or _Sft()
+        if self.preference is not None:
+            self.preference.attach(model)  # before the optimizer collects the trainable parameters
+        self.last: dict[str, float] = {}
         self.collate, self.attention = self._batching(model, data.collator)
         self.seen = [0, 0, 0]  # this session: target tokens, input tokens, positions (rates survive a resume)
         sized = is_sized(data.train)
@@ -212,17 +242,18 @@ class _Loop:
     def _step(self, start: float) -> dict[str, Any]:
         rows = step_examples(self.data.train, self.plan, self.stream, self.per_step)
         step = self.state.step + 1
-        loss, tokens, inputs, positions = self._optimizer_step_with_oom_retry(rows, step)
+        loss, tokens, inputs, positions, extra = self._optimizer_step_with_oom_retry(rows, step)
         s = self.state
         s.step, s.cursor, s.tokens = step, self.plan.cursor, s.tokens + tokens
         s.losses.append(loss)
+        self.last.update(extra)
         self.seen = [self.seen[0] + tokens, self.seen[1] + inputs, self.seen[2] + positions]
         elapsed = max(time.perf_counter() - start, 1e-9)
-        return {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens": s.tokens,
+        return {"step": step, "loss": loss, **extra, "lr": self.scheduler.get_last_lr()[0], "tokens": s.tokens,
                 "tokens_per_s": round(self.seen[1] / elapsed, 1), "targets_per_s": round(self.seen[0] / elapsed, 1),
                 "elapsed_s": round(elapsed, 2)}
 
-    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int, int, int]:
+    def _optimizer_step_with_oom_retry(self, rows: list[Any], step: int) -> tuple[float, int, int, int, dict[str, float]]:
         import torch
 
         while True:
@@ -247,29 +278,31 @@ class _Loop:
         self.acc.print(f"out of memory at step {step}: micro_batch_size -> {s.micro_batch_size}, gradient_accumulation"
                        f" -> {s.gradient_accumulation} (same effective batch); retrying the step")
 
-    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int, int, int]:
-        """One optimizer step over this rank's micro-batches; each micro loss is divided by the target tokens of the
-        whole step on all processes, so w processes x k micro-batches of b give the gradient of one batch of w*k*b.
-        DDP averages gradients over processes, hence the factor num_processes.
-        Returns the loss, the step's target count (all processes) and this rank's input tokens and positions."""
+    def _optimizer_step(self, rows: list[Any], step: int) -> tuple[float, int, int, int, dict[str, float]]:
+        """One optimizer step over this rank's micro-batches; each micro loss is divided by the target tokens (the
+        objective's counts: pairs for preference losses) of the whole step on all processes, so w processes x k
+        micro-batches of b give the gradient of one batch of w*k*b. DDP averages gradients over processes, hence the
+        factor num_processes. Returns the loss, the step's target count (all processes), this rank's input tokens and
+        positions, and the objective's metrics."""
         import torch
 
-        acc, s = self.acc, self.state
+        acc, s, objective = self.acc, self.state, self.objective
         shares = [m for m in rank_share(rows, s.micro_batch_size, s.gradient_accumulation, acc.process_index,
                                         acc.num_processes) if m]
         micro = [self.collate(m) for m in shares]
-        inputs = sum(len(r["input_ids"]) for m in shares for r in m)
-        local = sum(target_count(b) for b in micro)
-        total = int(acc.reduce(torch.tensor(local, device=acc.device), reduction="sum").item())
-        scale = acc.num_processes / max(total, 1)
+        inputs = sum(_input_tokens(r) for m in shares for r in m)
+        local = torch.tensor([sum(c) for c in zip(*(objective.counts(b) for b in micro), strict=True)] or [0] * objective.size)
+        totals = [int(t) for t in acc.reduce(local.to(acc.device), reduction="sum").tolist()]
         running = torch.zeros((), device=acc.device)
+        sums: dict[str, Any] = {}
         for i, batch in enumerate(micro):
             batch = to_device(batch, acc.device)
             sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
-                loss = loss_sum(self.model, batch) * scale
+                loss, stats = objective.loss(self.model, batch, totals, acc.num_processes)
             acc.backward(loss)
             running += loss.detach()
+            sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
         mean = float(acc.reduce(running, reduction="sum").item()) / acc.num_processes
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
@@ -281,7 +314,8 @@ class _Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, total, inputs, sum(int(b["input_ids"].numel()) for b in micro)
+        return (mean, totals[0], inputs, sum(int(b["input_ids"].numel()) for b in micro),
+                objective.summary(reduced_sums(acc, sums), totals))
 
     def _log_due(self) -> bool:
         return self.state.step % self.cfg.log_every == 0 or self.state.step == self.total
@@ -297,9 +331,14 @@ class _Loop:
         return bool(patience and self.state.bad_evals >= patience)
 
     def _record_eval(self, row: dict[str, Any]) -> None:
-        loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc, self.collate)
+        if self.preference is None:
+            loss = evaluate_loss(self.inner, self.data, self.state.micro_batch_size, self.acc, self.collate)
+            row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
+        else:
+            loss, extra = evaluate_objective(self.preference, self.inner, self.data, self.state.micro_batch_size, self.acc)
+            row.update(eval_loss=loss, **extra)
+            self.last.update(extra)
         s = self.state
-        row.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 50)))
         s.evals.append({"step": s.step, "eval_loss": loss})
         if s.best_loss is None or loss < s.best_loss:
             s.best_loss, s.best_step, s.bad_evals = loss, s.step, 0
@@ -332,6 +371,9 @@ class _Loop:
             ckpt.load_trainable(self.inner, self.best)
             self.acc.print(f"keeping the best adapter: step {s.best_step} (eval loss {s.best_loss:.4f})")
         self.log.close()
+        if self.preference is not None:
+            self.preference.detach(self.inner)  # DPO's frozen reference adapter is not part of the result
+            result.objective, result.last = self.preference.describe(), dict(self.last)
         result.steps, result.tokens, result.losses, result.model = s.step, s.tokens, list(s.losses), self.prepared
         result.input_tokens, result.positions = self.seen[1], self.seen[2]
         result.eval_loss, result.best_step = s.best_loss, s.best_step
@@ -349,11 +391,7 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     import torch
 
     assert data.validation is not None
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if is_sized(data.validation):
-        rows = [data.validation[i] for i in range(rank, len(data.validation), world)]
-    else:
-        rows = [ex for i, ex in enumerate(data.validation) if i % world == rank]
+    rows = validation_share(data.validation, accelerator.process_index, accelerator.num_processes)
     was_training = model.training
     _eval_mode(model)
     totals = torch.zeros(2, device=accelerator.device)
@@ -368,20 +406,11 @@ def evaluate_loss(model: Any, data: DataBundle, batch_size: int, accelerator: An
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-def _eval_mode(model: Any) -> None:
-    """model.eval(), except that bitsandbytes 4-bit layers keep training=True on CPU: in eval mode their first no-grad
-    forward repacks the weight in place, and later training forwards misread the packed weight (bnb 0.50: the
-    reloaded adapter's logits then differed by 0.09). The flag changes nothing else in those layers."""
-    model.eval()
-    if next(model.parameters()).device.type != "cpu":
-        return
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.training = True
+def _input_tokens(row: dict[str, Any]) -> int:
+    """The tokens the model reads for one example (both answers of a preference pair)."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return sum(len(v) for k, v in row.items() if k.endswith("input_ids"))
 
 
 def _peak_memory_mb() -> float:

@@ -174,3 +174,12 @@ def rank_share(rows: list[Any], micro: int, accumulation: int, rank: int, world:
         block = rows[i * group: (i + 1) * group]
         out.append(block[rank * micro: (rank + 1) * micro])
     return out
+
+
+def validation_share(dataset: Any, rank: int, world: int) -> list[Any]:
+    """Rank r's validation examples: r, r+w, ... (every example once over all ranks)."""
+    from torch.utils.data import IterableDataset
+
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        return [dataset[i] for i in range(rank, len(dataset), world)]
+    return [ex for i, ex in enumerate(dataset) if i % world == rank]
