@@ -3,7 +3,6 @@ end to end on a tiny GGUF model (default run) and on the real SmolLM2 (marked sl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -13,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from finetune.testing import write_tiny_gguf
+from finetune.testing import load_script, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "quickstart"
 
 
 def _load_generator():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("make_task_data", ROOT / "scripts" / "make_task_data.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "make_task_data.py")
 
 
 def _rows(split: str) -> list[dict]:

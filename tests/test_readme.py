@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
+
+from finetune.testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_config_reference_is_current() -> None:
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "scripts" / "update_readme.py")
     text = (ROOT / "README.md").read_text()
     assert module.render(text) == text, "run: python scripts/update_readme.py"
 
