@@ -434,9 +434,9 @@ def test_quickstart_served_through_openai_scores_what_eval_scores(tmp_path: Path
     from finetune.evaluation.scoring import generation_metrics
 
     root = Path(__file__).resolve().parents[1]
-    folder = Path(os.environ.get("QUICKSTART_ADAPTER", root / "adapters" / "quickstart"))
+    folder = Path(os.environ.get("FINETUNE_QUICKSTART_ADAPTER", root / "adapters" / "quickstart"))
     if not (folder / "adapter_config.json").is_file():
-        pytest.skip(f"no quickstart adapter at {folder}: run `bash scripts/quickstart.sh` (or set QUICKSTART_ADAPTER)")
+        pytest.skip(f"no quickstart adapter at {folder}: run `bash scripts/quickstart.sh` (or set FINETUNE_QUICKSTART_ADAPTER)")
     test_file = root / "data" / "quickstart" / "test.jsonl"
     rows = [json.loads(line) for line in test_file.read_text().splitlines()]
     finetune = [sys.executable, "-m", "finetune"]
