@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ConfigProblem:
+    """One problem in a job: where (dotted path, YAML line), what is wrong, and how to fix it."""
+
     path: str  # dotted path of the field, e.g. "lora.r"
     message: str  # what is wrong and what is expected
     line: int | None = None  # 1-based line in the YAML file, when the key is there
