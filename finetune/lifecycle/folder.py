@@ -29,6 +29,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 @dataclass
 class AdapterInfo:
+    """What read_adapter found in a folder, nothing loaded: adapter_config.json, run.json and finetune.yaml as read,
+    and whether it holds a whole model from full fine-tuning."""
+
     folder: Path
     adapter_config: dict[str, Any]
     run: dict[str, Any] = field(default_factory=dict)  # run.json, {} when absent

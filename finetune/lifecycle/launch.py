@@ -17,6 +17,9 @@ LAUNCH_TARGETS = ("vllm", "sglang")
 
 @dataclass
 class LaunchPlan:
+    """The launch command of a vLLM or SGLang server (`argv`, and `command` as one shell-quoted line), or the problems
+    that stop it (then `argv` is empty)."""
+
     target: str
     argv: list[str] = field(default_factory=list)  # empty when a problem stops it
     problems: list[str] = field(default_factory=list)  # "<adapter>: [rule] message -> fix: ..."

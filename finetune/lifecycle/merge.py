@@ -36,6 +36,9 @@ KIND = "merged-model"
 
 @dataclass
 class MergeReport:
+    """What `finetune merge` wrote (folder, dtype, shards) and how it was verified: the merged checkpoint, reloaded
+    from disk, against base + adapter on probe prompts (logit differences against a tolerance, greedy agreement)."""
+
     out: str
     dtype: str
     quantized_base: bool  # True: merged into the de-quantized 4/8-bit base
