@@ -21,11 +21,15 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias
 
 
 class TextPart(BaseModel):
+    """A text part of a message's content list (the only part type accepted)."""
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    """A chat message: a string, or a list of text parts joined by `text()`."""
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -35,6 +39,8 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    """`stream_options`: with include_usage, a last chunk carries the token usage."""
+
     include_usage: bool = False
 
 
@@ -76,6 +82,8 @@ class GenerationRequest(BaseModel):
 
 
 class ChatRequest(GenerationRequest):
+    """POST /v1/chat/completions: the messages; max_completion_tokens wins over max_tokens."""
+
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -88,6 +96,8 @@ class ChatRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: one prompt string (a list of exactly one is accepted)."""
+
     prompt: str | list[str]
 
     def text(self) -> str | None:
@@ -98,6 +108,8 @@ class CompletionRequest(GenerationRequest):
 
 
 class ClassifyRequest(BaseModel):
+    """POST /v1/classify (finetune's own endpoint): one text or a list of texts for a classifier."""
+
     model: str = Field(min_length=1)
     input: str | list[str]
 
@@ -109,6 +121,7 @@ class ClassifyRequest(BaseModel):
 
 
 def usage(chunk: Chunk) -> dict[str, int]:
+    """The OpenAI `usage` object of a finished generation."""
     return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.tokens,
             "total_tokens": chunk.prompt_tokens + chunk.tokens}
 
@@ -119,6 +132,7 @@ def finish(chunk: Chunk) -> str | None:
 
 
 def chat_response(rid: str, model: str, created: int, chunk: Chunk) -> dict[str, Any]:
+    """A `chat.completion` body: one choice holding the whole answer, with its finish reason and usage."""
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": chunk.text},
                          "finish_reason": finish(chunk), "logprobs": None}],
@@ -126,33 +140,40 @@ def chat_response(rid: str, model: str, created: int, chunk: Chunk) -> dict[str,
 
 
 def completion_response(rid: str, model: str, created: int, chunk: Chunk) -> dict[str, Any]:
+    """A `text_completion` body: one choice holding the whole text, with its finish reason and usage."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": chunk.text, "finish_reason": finish(chunk), "logprobs": None}],
             "usage": usage(chunk)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+    """One streamed `chat.completion.chunk`: the `delta` of the message, and the finish reason on the last one."""
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, reason: str | None) -> dict[str, Any]:
+    """One streamed `text_completion` chunk: the new text, and the finish reason on the last one."""
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, chunk: Chunk) -> dict[str, Any]:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(chunk)}
 
 
 def model_list(ids: list[str], root: str, created: int) -> dict[str, Any]:
+    """GET /v1/models: every id as a model, the adapters with parent "base", all with root `root`."""
     return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "finetune",
                                         "root": root, "parent": None if i == "base" else "base"} for i in ids]}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """An OpenAI error object: message, type (`kind`), and the parameter and code when known."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def now() -> int:
+    """The `created` timestamp of a response: Unix time in whole seconds."""
     return int(time.time())
