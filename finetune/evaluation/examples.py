@@ -52,6 +52,7 @@ class EvalSet:
 
     @property
     def generative(self) -> bool:
+        """True when every example has a reference answer to generate (pair, chat or preference records)."""
         return all(e.record["kind"] in ("pair", "chat", "preference") for e in self.examples)
 
 

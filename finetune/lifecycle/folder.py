@@ -40,6 +40,7 @@ class AdapterInfo:
 
     @property
     def name(self) -> str:
+        """The folder's name: how the demo, server and cards name the adapter."""
         return self.folder.name
 
     @property
@@ -55,6 +56,7 @@ class AdapterInfo:
 
     @property
     def task(self) -> str:
+        """causal_lm or classification: from finetune.yaml, else run.json (full fine-tuning) or peft's task_type."""
         if self.job is not None:
             return self.job.task
         if self.full:

@@ -46,6 +46,7 @@ class GgufReport:
     folded_scales: list[str] = field(default_factory=list)  # layers whose lora_b carries a non-alpha/r scale
 
     def describe(self) -> str:
+        """What `finetune export` prints: the file written, its settings, and the read-back check."""
         folded = f"; true scale folded into lora_b for {len(self.folded_scales)} layers" if self.folded_scales else ""
         return (f"wrote {self.path}: llama.cpp LoRA adapter for architecture '{self.architecture}', {self.tensors} tensors "
                 f"({self.outtype}), alpha {self.alpha:g}{folded}\nverified by reading it back: names, shapes, alpha, "

@@ -26,6 +26,7 @@ class LaunchPlan:
 
     @property
     def command(self) -> str:
+        """`argv` as one shell-quoted command line."""
         return " ".join(shlex.quote(a) for a in self.argv)
 
 

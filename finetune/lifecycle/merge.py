@@ -54,6 +54,7 @@ class MergeReport:
     task: str = "causal_lm"
 
     def describe(self) -> str:
+        """What `finetune merge` prints: where the model went, and the verification's figures."""
         base = "de-quantized 4/8-bit base" if self.quantized_base else "float32 base"
         return (
             f"merged into the {base}, saved as {self.dtype} in {len(self.shards)} shard(s): {self.out}\n"

@@ -59,6 +59,7 @@ class PublishReport:
     commit_url: str | None = None
 
     def describe(self, dry_run: bool) -> str:
+        """What `finetune publish` prints: each file and its size, what was left out, and the commit."""
         total = sum(size for _, size in self.files)
         head = "would upload" if dry_run else f"uploaded to {self.repo_url}"
         lines = [f"{head} {len(self.files)} files ({total / 1e6:.2f} MB) from {self.folder}:"]

@@ -71,6 +71,7 @@ class Problem:
     fix: str
 
     def line(self) -> str:
+        """`[rule] message -> fix: ...`, the way `finetune check` prints a problem."""
         return f"[{self.rule}] {self.message} -> fix: {self.fix}"
 
 
@@ -84,6 +85,7 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
+        """True when no rule found a problem."""
         return not self.problems
 
 

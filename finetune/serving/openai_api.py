@@ -35,6 +35,7 @@ class Message(BaseModel):
     name: str | None = None
 
     def text(self) -> str:
+        """The content as one string (text parts joined without separators)."""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -62,6 +63,7 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever the model says (benchmarks)
 
     def stops(self) -> tuple[str, ...]:
+        """`stop` as a tuple of strings (empty when not set)."""
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def refused(self) -> list[tuple[str, str]]:
@@ -78,6 +80,7 @@ class GenerationRequest(BaseModel):
         return out
 
     def new_tokens(self) -> int | None:
+        """The requested maximum of new tokens; None: the server's limit (a value above it is refused)."""
         return self.max_tokens
 
 
@@ -88,6 +91,7 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     def new_tokens(self) -> int | None:
+        """max_completion_tokens (OpenAI's current name), else max_tokens; None when neither is set."""
         return self.max_completion_tokens or self.max_tokens
 
     def as_prompt(self) -> list[dict[str, str]]:
@@ -114,6 +118,7 @@ class ClassifyRequest(BaseModel):
     input: str | list[str]
 
     def texts(self) -> list[str]:
+        """`input` as a list of texts."""
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 

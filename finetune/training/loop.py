@@ -55,6 +55,8 @@ class TrainResult:
     unit: str = "tokens"  # what `tokens` counts: target tokens, or examples for a classifier (one label each)
 
     def metrics(self) -> dict[str, Any]:
+        """run.json's "metrics": last train loss, steps, targets trained (tokens, or examples for a classifier), the
+        last preference metrics, eval loss (and perplexity for sft), and the best step when validation picked one."""
         out: dict[str, Any] = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.steps,
                                self.unit: self.tokens, **self.last}
         if self.eval_loss is not None:
