@@ -23,6 +23,8 @@ CORPUS = [
 
 
 def make_tokenizer(folder: str | Path, chat_template: bool = True, vocab_size: int = 400) -> Path:
+    """A tiny byte-level BPE tokenizer trained on CORPUS (chatml special tokens, EOS <|im_end|>, its own pad token),
+    saved in `folder` (the chatml template too when `chat_template`); returns the folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,6 +75,7 @@ def make_classifier_base(folder: str | Path, seed: int = 0, hidden: int = 32) ->
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """`rows` as JSON lines at `path` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -109,6 +112,7 @@ def class_rows(n: int = 32) -> list[dict]:
 
 
 def chat_rows(n: int = 32) -> list[dict]:
+    """Two-turn chats behind one system prompt: the first answer names the person asked about, the second is fixed."""
     names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
     return [{"messages": [{"role": "system", "content": "be brief"},
                           {"role": "user", "content": f"who is {names[i % 8]}?"},

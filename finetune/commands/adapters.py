@@ -49,6 +49,8 @@ def _is_output(folder: Path) -> bool:
 
 
 def adapter_row(folder: Path) -> dict[str, Any]:
+    """One row of `finetune adapters list`: name, base (long paths shortened), task, LoRA rank ("full" for full
+    fine-tuning), size on disk, key metric and when it was created."""
     cfg = _read_json(folder / "adapter_config.json")
     run = _read_json(folder / "run.json")
     full = not cfg  # full fine-tuning: no adapter config, the whole model is in the folder
@@ -61,6 +63,8 @@ def adapter_row(folder: Path) -> dict[str, Any]:
 
 
 def key_metric(folder: Path, run: dict[str, Any]) -> str:
+    """The first of KEY_METRICS found as a number, as `name=value` (eval.json's adapter-side values before run.json's
+    metrics); "-" when none."""
     metrics = dict(run.get("metrics") or {})
     evals = _read_json(folder / "eval.json").get("metrics")  # `finetune eval`: name -> {base, adapter, delta}
     if isinstance(evals, dict):
@@ -73,6 +77,7 @@ def key_metric(folder: Path, run: dict[str, Any]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """`rows` as a plain-text table: COLUMNS as header, a dashed rule, each column as wide as its widest cell."""
     cells = [list(COLUMNS)] + [[str(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]

@@ -105,6 +105,8 @@ def _print(text: str, color: bool) -> None:
 
 
 def format_stats(stats: dict[str, Any], fingerprint: str) -> str:
+    """The `finetune data` report: fingerprint and cache state, the counts present in `stats`, per-source use, and the
+    length histogram drawn in #."""
     lines = [f"fingerprint: {fingerprint}   cache: {stats.get('cache', 'n/a')}"]
     for key in ("format", "chat_template", "rows", "examples", "train_examples", "validation_examples", "tokens", "trained_tokens",
                 "truncated", "dropped_too_long", "dropped_no_target", "bad_rows", "packed_rows", "packing_efficiency"):

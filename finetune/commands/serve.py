@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_launch(target: str, args: argparse.Namespace) -> int:
+    """Print the vLLM or SGLang command that serves these adapters; exit code 1, the problems on stderr, when a rule
+    stops it."""
     plan = launch_plan(target, args.adapters, args.base)
     for problem in plan.problems:
         print(problem, file=sys.stderr)

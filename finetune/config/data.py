@@ -49,6 +49,8 @@ Sources = str | list[SourceConfig]
 
 
 class DataConfig(Section):
+    """The `data:` section."""
+
     train: Sources = Field(
         description="Training data: a local file (.jsonl/.json/.csv/.parquet/.txt), a glob or a folder; or a list of "
         "sources {path|hub, subset, split, weight, format, columns} interleaved by weight."

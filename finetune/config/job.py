@@ -13,6 +13,8 @@ from finetune.config.train import TrainConfig
 
 
 class JobConfig(Section):
+    """The whole job YAML: the top-level `task` and one section per pipeline stage, checked against each other."""
+
     task: Literal["causal_lm", "classification"] = Field(
         default="causal_lm", description="causal_lm: learn to generate the answers. classification: learn labels."
     )

@@ -54,6 +54,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
 def load_config_text(
     text: str, source: str = "<config>", overrides: list[str] | tuple[str, ...] = (), check_files: bool = True
 ) -> JobConfig:
+    """`load_config` on YAML text already read; `source` names it in the problems (as the file would).
+
+    Raises ConfigError listing every problem at once."""
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)

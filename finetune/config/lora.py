@@ -8,6 +8,8 @@ from finetune.config.base import Section, conflict
 
 
 class LoraConfig(Section):
+    """The `lora:` section."""
+
     enabled: bool = Field(default=True, description="false trains every weight (full fine-tuning, small models only).")
     r: int = Field(default=16, ge=1, le=4096, description="Rank of the update BA; trainable params per d x k weight: r*(d+k).")
     alpha: float = Field(default=32, gt=0, description="Scale of the update: alpha/r (alpha/sqrt(r) with use_rslora).")

@@ -8,6 +8,8 @@ from finetune.config.base import Section
 
 
 class ModelConfig(Section):
+    """The `model:` section."""
+
     name_or_path: str = Field(
         description="Local folder of a Hugging Face checkpoint, or a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) "
         "resolved through the local cache; HF_HUB_OFFLINE=1 is honoured. Tokenizer and weights both come from here."

@@ -8,6 +8,8 @@ from finetune.config.base import Section
 
 
 class OutputConfig(Section):
+    """The `output:` section."""
+
     dir: str = Field(default="adapters", description="Parent folder of adapter folders (relative to the working directory).")
     run_name: str = Field(
         default="run",

@@ -12,6 +12,8 @@ PAPER_BETA = {"dpo": 0.1, "simpo": 2.0}
 
 
 class PreferenceConfig(Section):
+    """The `train.preference:` section (read only by train.objective dpo, orpo and simpo)."""
+
     beta: float | None = Field(
         default=None, gt=0,
         description="Temperature of the implicit reward: DPO beta * (log p - log p_ref), SimPO beta * mean log p. "

@@ -9,6 +9,7 @@ from finetune.config.job import JobConfig
 
 
 def markdown_reference() -> str:
+    """A Markdown table with one row per leaf field of JobConfig: dotted key, type, default, description."""
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     lines += _rows(JobConfig, "")
     return "\n".join(lines) + "\n"

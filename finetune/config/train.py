@@ -9,6 +9,8 @@ from finetune.config.preference import PreferenceConfig
 
 
 class TrainConfig(Section):
+    """The `train:` section."""
+
     seed: int = Field(default=42, description="Seed for weights init, dropout and data order.")
     objective: Literal["sft", "dpo", "orpo", "simpo"] = Field(
         default="sft",

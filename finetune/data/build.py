@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataBundle:
+    """What the data stage hands to training: the train/validation examples, the collator that batches them, the
+    cache fingerprint, and what inference must repeat (format, chat template or not, class names)."""
+
     train: Any  # ExampleTable (map-style), or StreamingExamples (an IterableDataset) when streaming
     validation: Any | None
     collator: PadCollator | PackedCollator | PaddingFreeCollator | PreferenceCollator
@@ -57,6 +60,8 @@ class Plan:
 
 
 def build_data(cfg: DataConfig, tok: PreTrainedTokenizerBase, task: str = "causal_lm") -> DataBundle:
+    """The tokenized train/validation sets of `cfg` for `task` (causal_lm or classification): from the cache when the
+    fingerprint matches, built lazily when data.streaming. Raises DataError naming the source (and file:line)."""
     plan = make_plan(cfg, tok, task)
     if cfg.streaming:
         return _streaming_bundle(cfg, tok, plan, task)
@@ -89,6 +94,8 @@ def _gc_paused() -> Iterator[None]:
 
 
 def make_plan(cfg: DataConfig, tok: Any, task: str) -> Plan:
+    """Decide before tokenizing: each `auto` source's format from its first row (printed, and set on the source), that
+    the formats fit `task` and each other, and whether prompts go through the chat template. Raises DataError."""
     train = normalise_sources(cfg.train, cfg)
     val = normalise_sources(cfg.validation, cfg)
     if val and cfg.val_size:

@@ -17,6 +17,8 @@ ENCODING_VERSION = "3"  # bump when the encoding of examples changes, so old cac
 
 
 def fingerprint(cfg: DataConfig, tok: Any, task: str, source_hashes: list[str]) -> str:
+    """The cache key (16 hex digits): encoding version, task, the data config (less the cache location and
+    padding_free, which leave the examples as they are), the sources' hashes and the tokenizer's."""
     h = hashlib.sha256(ENCODING_VERSION.encode())
     h.update(task.encode())
     h.update(json.dumps(cfg.model_dump(exclude={"cache", "cache_dir", "padding_free"}), sort_keys=True, default=str).encode())
@@ -42,6 +44,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def load(cfg: DataConfig, fp: str) -> dict[str, Any] | None:
+    """The cached {train, validation, stats, labels} under `fp`; None when missing or damaged (then it is rebuilt)."""
     folder = cache_root(cfg) / fp
     try:
         meta = json.loads((folder / "meta.json").read_text())

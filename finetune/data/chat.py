@@ -27,6 +27,10 @@ PROOF_ROWS = 8  # rows per source encoded both ways and compared
 
 
 class ChatEncoder:
+    """Conversations -> {input_ids, labels}, with loss only on the assistant turns data.train_on picks.
+
+    Raises DataError when the tokenizer has no chat template, or a conversation cannot be rendered consistently."""
+
     def __init__(self, tok: PreTrainedTokenizerBase, train_on: str = "assistant"):
         if not getattr(tok, "chat_template", None):
             raise DataError("the data needs a chat template but the tokenizer has none: set model.chat_template "

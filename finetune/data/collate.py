@@ -11,6 +11,9 @@ IGNORE = -100
 
 @dataclass
 class PadCollator:
+    """Unpacked examples -> a right-padded batch: input_ids, attention_mask, labels (-100 on padding), plus
+    token_type_ids and the class `label` when the examples have them; width rounded up to pad_to_multiple_of."""
+
     pad_id: int
     pad_to_multiple_of: int | None = None
 
@@ -102,6 +105,7 @@ class PaddingFreeCollator:
 
 
 def additive(allowed: Any, dtype_name: str) -> Any:
+    """The boolean mask `allowed` as an additive one of torch dtype `dtype_name`: 0 where allowed, else its minimum."""
     import torch
 
     dtype = getattr(torch, dtype_name)

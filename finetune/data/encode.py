@@ -41,6 +41,9 @@ class Counts:
 
 
 class Encoder:
+    """Canonical records -> token examples under the length policy (data.max_seq_len, data.overlong); chats go
+    through a ChatEncoder when `chat`, and class names in `labels` map to their index."""
+
     def __init__(self, cfg: DataConfig, tok: Any, chat: bool, labels: list[str] | None):
         self.cfg, self.tok, self.chat = cfg, tok, chat
         self.chat_encoder = ChatEncoder(tok, cfg.train_on) if chat else None

@@ -20,6 +20,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 
 class MissingField(DataError):
+    """A row lacks a field its format needs, or has it null or of the wrong type: a bad row (see data.on_bad_rows)."""
+
     pass
 
 
@@ -58,6 +60,7 @@ def _format_of(has: set[str], cols: ColumnsConfig) -> str | None:
 
 
 def field(row: dict[str, Any], name: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    """`row[name]`, checked to be of `kind`; raises MissingField (naming `where` and the row's columns) otherwise."""
     value = row.get(name)
     if value is None and name in row:
         raise MissingField(f"{where}: field '{name}' is null; give it a value (or leave the row out)")
@@ -225,4 +228,7 @@ FORMATS: dict[str, Normaliser] = {"text": _text, "prompt_completion": _prompt_co
 
 
 def normalise(row: dict[str, Any], fmt: str, cols: ColumnsConfig, where: str, system: str | None = None) -> Record:
+    """The canonical record of `row` in format `fmt`; `system` is the default system prompt for rows without one.
+
+    Raises MissingField (a DataError) when a field the format needs is missing, null or of the wrong type."""
     return FORMATS[fmt](row, cols, where, system)

@@ -51,6 +51,8 @@ def pack_stream(examples: Iterable[Example], max_len: int) -> Iterator[Example]:
 
 
 def merge(members: list[Example]) -> Example:
+    """One packed row of `members`: their ids back to back, `seq_lens`, and each member's first label masked (in the row
+    it would be predicted from the previous member's last token)."""
     ids: list[int] = []
     labels: list[int] = []
     for ex in members:

@@ -19,6 +19,7 @@ def uses_chat_template(tok: PreTrainedTokenizerBase, policy: str = "auto") -> bo
 
 
 def chat_ids(tok: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template (plus the assistant header when asked)."""
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
     return list(ids)
 

@@ -47,10 +47,12 @@ def normalise_sources(value: str | list[SourceConfig] | None, cfg: DataConfig) -
 
 
 def source_name(src: SourceConfig) -> str:
+    """How messages name a source: its path, or `hub[subset:split]`."""
     return src.path if src.path is not None else f"{src.hub}[{src.subset or ''}:{src.split}]"
 
 
 def source_columns(src: SourceConfig) -> ColumnsConfig:
+    """The columns of a source that went through normalise_sources (which always fills them in)."""
     assert src.columns is not None
     return src.columns
 
@@ -73,6 +75,8 @@ def expand_files(path: str) -> list[Path]:
 
 
 def iter_source(src: SourceConfig, bad: BadRows, streaming: bool) -> Iterator[Row]:
+    """(row, where it came from) of every row of a source: its local files in sorted order, or a hub dataset.
+    Malformed rows go to `bad` (which raises or counts them); DataError when no file is found or one is unreadable."""
     if src.hub is not None:
         yield from _iter_hub(src, streaming)
         return

@@ -14,6 +14,9 @@ Example = dict[str, Any]
 
 
 class ExampleTable:
+    """Examples stored as flat int64 arrays plus per-key offsets; indexing gives back ordinary dicts (lists and
+    ints), the same examples it was built from."""
+
     def __init__(self, columns: dict[str, Any], offsets: Any, size: int):
         self.columns, self.offsets, self.size = columns, offsets, size
 

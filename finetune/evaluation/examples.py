@@ -25,6 +25,9 @@ Record = dict[str, Any]
 
 @dataclass
 class Example:
+    """One eval row: its canonical record, where it came from, and its reference (the expected answer text or class
+    index; None for text rows, which are scored by loss only)."""
+
     record: Record  # the data stage's canonical record: kind text | pair | chat | cls
     where: str  # file:line, for error messages
     reference: str | int | None  # completion text, class index, or None (text rows: loss only)
@@ -32,6 +35,9 @@ class Example:
 
 @dataclass
 class EvalSet:
+    """The rows one eval run scores: their sources, format ("mixed" when several), the examples kept (max_samples),
+    the row count before that cap, and a hash of the sources' contents."""
+
     paths: list[str]
     format: str
     examples: list[Example]
@@ -46,6 +52,7 @@ class EvalSet:
 
     @property
     def generative(self) -> bool:
+        """True when every example has a reference answer to generate (pair, chat or preference records)."""
         return all(e.record["kind"] in ("pair", "chat", "preference") for e in self.examples)
 
 
@@ -111,6 +118,7 @@ def _chat_example(record: Record, where: str) -> Example:
 
 
 def label_index(label: Any, labels: list[str] | None, where: str) -> int:
+    """The class index of `label` (a class name, or an index in range); DataError naming `where` and the classes."""
     names = labels or []
     if isinstance(label, str) and label in names:
         return names.index(label)

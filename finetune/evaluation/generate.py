@@ -28,6 +28,7 @@ class Decoding:
 
 
 def encode_prompts(tok: Any, prompts: list[str | Messages], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt, rendered by prompting.prompt_ids exactly as training rendered them."""
     return [prompt_ids(tok, p, chat=chat) for p in prompts]
 
 
@@ -53,6 +54,7 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], decoding: Decoding)
 
 
 def generate_batch(model: Any, tok: Any, prompts: list[list[int]], decoding: Decoding) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch of prompts, each cut before its first stop token."""
     import torch
     from transformers import GenerationConfig
 
@@ -68,6 +70,7 @@ def generate_batch(model: Any, tok: Any, prompts: list[list[int]], decoding: Dec
 
 
 def cut_at_stop(ids: list[int], stop: list[int]) -> list[int]:
+    """`ids` up to (not including) the first id in `stop`."""
     for i, t in enumerate(ids):
         if t in stop:
             return ids[:i]
@@ -75,4 +78,5 @@ def cut_at_stop(ids: list[int], stop: list[int]) -> list[int]:
 
 
 def decode(tok: Any, rows: list[list[int]]) -> list[str]:
+    """Generated ids as text, special tokens dropped and surrounding whitespace stripped."""
     return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]

@@ -37,6 +37,8 @@ NOT_METRICS = ("alias", "name", "sample_len", "sample_count")
 
 @dataclass
 class HarnessOptions:
+    """lm-evaluation-harness settings (`finetune eval --harness`), the same for the base and the adapter."""
+
     tasks: list[str]  # registry names or task YAML files
     limit: float | None = None  # examples per task (a share when < 1), as lm-eval's --limit
     num_fewshot: int | None = None  # None: each task's own default

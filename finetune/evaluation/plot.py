@@ -12,6 +12,8 @@ LOSSES = ("loss", "general_loss")
 
 
 def bar_chart(report: dict[str, Any], path: Path) -> Path:
+    """Draw eval.png of `report` at `path` and return it: base vs adapter bars, one panel each for scores in [0, 1],
+    losses, and harness scores with their standard errors."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot

@@ -15,6 +15,7 @@ JSON_NAME, MD_NAME, PNG_NAME = "eval.json", "eval.md", "eval.png"
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write eval.json, eval.md and eval.png of `report` into `out_dir` (created, old ones replaced); their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / JSON_NAME, out_dir / MD_NAME, out_dir / PNG_NAME]
     paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
@@ -24,10 +25,12 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def scalar_metrics(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, metric) of the report's metrics that compare base and adapter by one number (those with a delta)."""
     return [(name, m) for name, m in report["metrics"].items() if "delta" in m]
 
 
 def verdict(m: dict[str, Any]) -> str:
+    """The verdict on a metric's delta, read in its `better` direction: "better", "worse" or "=" (no change)."""
     if m["delta"] == 0:
         return "="
     improved = (m["delta"] < 0) if m["better"] == "lower" else (m["delta"] > 0)
@@ -35,6 +38,7 @@ def verdict(m: dict[str, Any]) -> str:
 
 
 def terminal_table(report: dict[str, Any]) -> str:
+    """The tables `finetune eval` prints: base vs adapter per scalar metric, and per harness metric when run."""
     name, out = Path(report["adapter"]).name, []
     data = report["data"]
     if data is not None:
@@ -65,6 +69,8 @@ def _table(head: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """eval.md: what was evaluated and how, the metric table (per-class and confusion tables for classifiers),
+    harness results, the examples where base and adapter differ, and eval.png."""
     parts = [_header(report)]
     if report["data"] is not None:
         parts.append(_metrics_md(report))

@@ -37,6 +37,9 @@ LOWER_IS_BETTER = {"loss", "perplexity", "general_loss", "general_perplexity"}
 
 @dataclass
 class EvalOptions:
+    """What `finetune eval` was asked: the adapter, which data and how much, decoding limits, where results go, and the
+    optional general-loss and harness evaluations."""
+
     adapter: str  # an adapter folder, or the job YAML that trained it
     data: str | None = None  # default: the job's file for `split`
     split: str = "validation"
@@ -52,12 +55,18 @@ class EvalOptions:
 
 @dataclass
 class EvalResult:
+    """The report (what eval.json holds), the folder it was written to, and the files written."""
+
     report: dict[str, Any]
     out_dir: Path
     files: list[Path] = field(default_factory=list)
 
 
 def run_eval(opts: EvalOptions) -> EvalResult:
+    """Base vs adapter on the same examples, prompts and greedy decoding (plus the general set and harness tasks
+    when asked); writes eval.json / eval.md / eval.png and, in the adapter folder, refreshes its model card.
+
+    Options, task files and data are checked before any weight loads; FinetuneError or DataError says what is wrong."""
     info = read_adapter(adapter_folder(opts.adapter))
     tasks = _harness_tasks(info, opts)  # task files and datasets checked before any weight loads
     value = data_value(opts, info, optional=tasks is not None)

@@ -61,6 +61,8 @@ def forward(model: Any, tok: Any, encoded: list[dict[str, Any]], batch_size: int
 
 
 def generation_metrics(predictions: list[str], references: list[str], json_match: bool) -> dict[str, float]:
+    """Exact match, token F1, ROUGE-L and chrF of predictions against references (plus JSON exact match when
+    `json_match`), all in [0, 1], merged into one dict."""
     names = list(GENERATION) + (["json_exact_match"] if json_match else [])
     out: dict[str, float] = {}
     for name in names:
@@ -69,6 +71,8 @@ def generation_metrics(predictions: list[str], references: list[str], json_match
 
 
 def classification_metrics(predictions: list[int], references: list[int], num_labels: int) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class precision and recall, and the confusion matrix, over class indices
+    0..num_labels-1."""
     out: dict[str, Any] = load_metric("accuracy").compute(predictions=predictions, references=references)
     out.update(load_metric("macro_f1").compute(predictions=predictions, references=references))
     out.update(load_metric("per_class").compute(predictions=predictions, references=references, labels=list(range(num_labels))))

@@ -24,10 +24,12 @@ FILES = {
 
 
 def number(v: Any) -> bool:
+    """True for an int or float value; a bool is not a number here."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def fmt(v: Any) -> str:
+    """A value as a table cell: floats to 4 significant digits, None as '-'."""
     return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
@@ -60,6 +62,7 @@ def _train_files(info: AdapterInfo) -> str:
 
 
 def summary(info: AdapterInfo, name: str, base: str | None) -> str:
+    """The card's title and opening: LoRA or full fine-tuning, of which base (linked if a hub id), and what it does."""
     base_text = f"[{base}](https://huggingface.co/{base})" if base else f"the local model `{info.base or '?'}`"
     version = info.run.get("finetune_version")
     by = f"trained with finetune {version}" if version else "trained with finetune"
@@ -101,6 +104,8 @@ def prompt_format(info: AdapterInfo) -> str:
 
 
 def training(info: AdapterInfo, base: str | None) -> str:
+    """The Training section: data, method, objective, loop and run settings as one table (empty values left out),
+    then the final training metrics."""
     rows: list[tuple[str, Any]] = [("base model", base or info.base), ("task", info.task)]
     rows += _data_rows(info) + _method_rows(info) + _objective_rows(info) + _loop_rows(info) + _run_rows(info)
     table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows if v not in (None, "", []))
@@ -176,6 +181,8 @@ def _cell(value: Any) -> str:
 
 
 def evaluation(info: AdapterInfo, report: dict[str, Any], where: str) -> str:
+    """The Evaluation section from eval.json's `report`: base vs this model per scalar metric and harness task; when
+    there is no report, the `finetune eval` command that fills it in."""
     side = "fine-tuned" if info.full else "adapter"
     if not report:
         return (f"## Evaluation\n\nNot evaluated yet: `finetune eval {where}` compares it with its base (add "
@@ -272,5 +279,6 @@ def _vllm(info: AdapterInfo, base: str, where: str, name: str, problems: list[st
 
 
 def files(info: AdapterInfo) -> str:
+    """The Files section: each known file present in the folder, with what it holds."""
     present = [(n, d) for n, d in FILES.items() if (info.folder / n).is_file()]
     return "## Files\n\n" + "\n".join(f"- `{n}`: {d}" for n, d in present)

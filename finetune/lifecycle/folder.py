@@ -29,6 +29,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 @dataclass
 class AdapterInfo:
+    """What read_adapter found in a folder, nothing loaded: adapter_config.json, run.json and finetune.yaml as read,
+    and whether it holds a whole model from full fine-tuning."""
+
     folder: Path
     adapter_config: dict[str, Any]
     run: dict[str, Any] = field(default_factory=dict)  # run.json, {} when absent
@@ -37,6 +40,7 @@ class AdapterInfo:
 
     @property
     def name(self) -> str:
+        """The folder's name: how the demo, server and cards name the adapter."""
         return self.folder.name
 
     @property
@@ -52,6 +56,7 @@ class AdapterInfo:
 
     @property
     def task(self) -> str:
+        """causal_lm or classification: from finetune.yaml, else run.json (full fine-tuning) or peft's task_type."""
         if self.job is not None:
             return self.job.task
         if self.full:

@@ -34,6 +34,9 @@ LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 @dataclass
 class GgufReport:
+    """What export_lora_gguf wrote: the file, its architecture, alpha, tensor count and type, the largest value
+    difference when read back, and the layers whose scale was folded into lora_b."""
+
     path: str
     architecture: str
     alpha: float
@@ -43,6 +46,7 @@ class GgufReport:
     folded_scales: list[str] = field(default_factory=list)  # layers whose lora_b carries a non-alpha/r scale
 
     def describe(self) -> str:
+        """What `finetune export` prints: the file written, its settings, and the read-back check."""
         folded = f"; true scale folded into lora_b for {len(self.folded_scales)} layers" if self.folded_scales else ""
         return (f"wrote {self.path}: llama.cpp LoRA adapter for architecture '{self.architecture}', {self.tensors} tensors "
                 f"({self.outtype}), alpha {self.alpha:g}{folded}\nverified by reading it back: names, shapes, alpha, "
@@ -50,6 +54,11 @@ class GgufReport:
 
 
 def export_lora_gguf(folder: str | Path, out: str | Path | None = None, outtype: str = "f32", base: str | None = None) -> GgufReport:
+    """Write the LoRA adapter in `folder` as a llama.cpp LoRA GGUF (default <folder>/<name>-lora-<outtype>.gguf; only
+    an earlier GGUF is replaced) and verify it by reading it back.
+
+    Raises FinetuneError for an unknown outtype, a full model, an unsupported base architecture or an adapter
+    llama.cpp cannot apply, and VerificationError when the written file does not read back as written."""
     if outtype not in OUTTYPES:
         raise FinetuneError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     info = read_adapter(folder)

@@ -17,12 +17,16 @@ LAUNCH_TARGETS = ("vllm", "sglang")
 
 @dataclass
 class LaunchPlan:
+    """The launch command of a vLLM or SGLang server (`argv`, and `command` as one shell-quoted line), or the problems
+    that stop it (then `argv` is empty)."""
+
     target: str
     argv: list[str] = field(default_factory=list)  # empty when a problem stops it
     problems: list[str] = field(default_factory=list)  # "<adapter>: [rule] message -> fix: ..."
 
     @property
     def command(self) -> str:
+        """`argv` as one shell-quoted command line."""
         return " ".join(shlex.quote(a) for a in self.argv)
 
 

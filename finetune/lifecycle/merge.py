@@ -36,6 +36,9 @@ KIND = "merged-model"
 
 @dataclass
 class MergeReport:
+    """What `finetune merge` wrote (folder, dtype, shards) and how it was verified: the merged checkpoint, reloaded
+    from disk, against base + adapter on probe prompts (logit differences against a tolerance, greedy agreement)."""
+
     out: str
     dtype: str
     quantized_base: bool  # True: merged into the de-quantized 4/8-bit base
@@ -51,6 +54,7 @@ class MergeReport:
     task: str = "causal_lm"
 
     def describe(self) -> str:
+        """What `finetune merge` prints: where the model went, and the verification's figures."""
         base = "de-quantized 4/8-bit base" if self.quantized_base else "float32 base"
         return (
             f"merged into the {base}, saved as {self.dtype} in {len(self.shards)} shard(s): {self.out}\n"

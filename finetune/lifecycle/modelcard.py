@@ -36,6 +36,9 @@ OWNED_KEYS = ("base_model", "library_name", "pipeline_tag", "license", "tags", "
 
 @dataclass
 class CardInput:
+    """What a card needs beyond the folder's own records: the Hub repo, base and dataset ids, license, tags, title, and
+    how snippets name the folder. All optional: the card in a local folder needs none of them."""
+
     repo_id: str | None = None  # the Hub repo (publish); None for the card in a local folder
     base_model: str | None = None  # the base as a hub id; None: the recorded base when it is one
     license: str | None = None
@@ -83,14 +86,17 @@ def card_for_publish(info: AdapterInfo, card: CardInput) -> str:
 
 
 def is_ours(text: str) -> bool:
+    """Whether `text` is a card finetune wrote (it holds finetune's section markers)."""
     return bool(MARK.search(text))
 
 
 def is_peft_template(text: str) -> bool:
+    """Whether `text` is peft's empty model card template, which finetune's card may replace."""
     return all(mark in text for mark in PEFT_TEMPLATE)
 
 
 def render_card(info: AdapterInfo, card: CardInput | None = None) -> str:
+    """A new card for the folder: the Hub front matter, then every generated section between its markers."""
     card = card or CardInput()
     body = "\n\n".join(_block(name, text) for name, text in _sections(info, card).items() if text)
     return f"---\n{_yaml(card_metadata(info, card))}---\n\n{body}\n"
@@ -182,6 +188,7 @@ def eval_metrics(info: AdapterInfo) -> dict[str, dict[str, Any]]:
 
 
 def harness_results(info: AdapterInfo) -> dict[str, dict[str, dict[str, Any]]]:
+    """eval.json's lm-evaluation-harness results, task -> metric -> {base, adapter, delta...}; {} when none."""
     harness = eval_report(info).get("harness")
     return harness.get("results", {}) if isinstance(harness, dict) else {}
 

@@ -32,6 +32,9 @@ RECORD_FILES = ("finetune.yaml", "run.json", "metrics.jsonl")
 
 @dataclass
 class PublishRequest:
+    """What `finetune publish` was asked: the adapter folder, the repo and its visibility, what the card says (base,
+    license, datasets), where the folder is built, and how to reach the Hub (endpoint, token)."""
+
     adapter: str | Path
     repo_id: str
     private: bool = False
@@ -46,6 +49,9 @@ class PublishRequest:
 
 @dataclass
 class PublishReport:
+    """What was uploaded (or, on a dry run, would be): the built folder, each file with its size in bytes, the adapter
+    folder's entries left out, and the repo and commit URLs after an upload."""
+
     folder: str
     files: list[tuple[str, int]]  # (path in repo, bytes)
     left_out: list[str]
@@ -53,6 +59,7 @@ class PublishReport:
     commit_url: str | None = None
 
     def describe(self, dry_run: bool) -> str:
+        """What `finetune publish` prints: each file and its size, what was left out, and the commit."""
         total = sum(size for _, size in self.files)
         head = "would upload" if dry_run else f"uploaded to {self.repo_url}"
         lines = [f"{head} {len(self.files)} files ({total / 1e6:.2f} MB) from {self.folder}:"]
@@ -65,6 +72,11 @@ class PublishReport:
 
 
 def publish(req: PublishRequest) -> PublishReport:
+    """Build the Hub folder of `req.adapter` (allow-listed files, redacted finetune.yaml, model card), refuse it if it
+    holds a credential, then create the repo and upload it, unless `req.dry_run`.
+
+    Raises FinetuneError (bad repo id, no token, a base only on this machine, a secret found, a failed upload); nothing
+    is sent before every check passes, and a refused --out folder is left as it was found."""
     if not REPO_ID.match(req.repo_id):
         raise FinetuneError(f"--repo-id {req.repo_id!r} must look like USER/NAME (letters, digits, - _ .)")
     info = read_adapter(req.adapter)

@@ -14,6 +14,7 @@ PACKAGES = ("finetune", "torch", "transformers", "peft", "accelerate", "datasets
 
 
 def package_versions() -> dict[str, str]:
+    """Installed versions of finetune, the libraries that decide its results and Python; absent packages left out."""
     out = {}
     for name in PACKAGES:
         try:
@@ -36,6 +37,7 @@ def git_commit(where: Path | None = None) -> str | None:
 
 
 def hardware(num_processes: int = 1) -> dict[str, Any]:
+    """Platform, CPU cores and process count; with CUDA, also the first GPU's name, the GPU count and CUDA version."""
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "num_processes": num_processes}
@@ -45,4 +47,5 @@ def hardware(num_processes: int = 1) -> dict[str, Any]:
 
 
 def utc_now() -> str:
+    """The current UTC time in ISO 8601, to the second (e.g. 2025-01-31T12:00:00+00:00)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -29,6 +29,9 @@ LOGS = (METRICS, "profile.txt")
 
 @dataclass
 class SaveRequest:
+    """What save_adapter needs beside the model: the job (saved with absolute paths), the base source (reloaded to
+    verify), the run record, the probe batch verified on, class names, the logs folder and the prompt format."""
+
     cfg: JobConfig
     source: Source
     run_info: dict[str, Any]  # run.json content (metrics, timings, data fingerprint...)

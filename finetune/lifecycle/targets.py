@@ -53,6 +53,9 @@ class AdapterFacts:
 
 @dataclass(frozen=True)
 class Rule:
+    """One loading rule: its id, the targets it applies to, its check (one message per problem found) and the fix shown
+    with each problem ({target} filled in)."""
+
     id: str
     targets: tuple[str, ...]
     check: Callable[[AdapterFacts, str], list[str]]
@@ -61,26 +64,36 @@ class Rule:
 
 @dataclass(frozen=True)
 class Problem:
+    """One rule an adapter breaks: the rule's id, what is wrong, and how to fix it."""
+
     rule: str
     message: str
     fix: str
 
     def line(self) -> str:
+        """`[rule] message -> fix: ...`, the way `finetune check` prints a problem."""
         return f"[{self.rule}] {self.message} -> fix: {self.fix}"
 
 
 @dataclass
 class CheckResult:
+    """check_adapter's answer for one target: the problems found (`ok` when none) and how many rules were checked."""
+
     target: str
     problems: list[Problem] = field(default_factory=list)
     rules: int = 0
 
     @property
     def ok(self) -> bool:
+        """True when no rule found a problem."""
         return not self.problems
 
 
 def read_facts(folder: str | Path, max_lora_rank: int = 16) -> AdapterFacts:
+    """What the rules read from an adapter folder, without torch: adapter_config.json, the tensor shapes from the
+    safetensors header, and the base's config.json when the base is a local folder.
+
+    FinetuneError for a fully fine-tuned model, or a folder without adapter_config.json or .safetensors weights."""
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if is_full_model(folder):
@@ -117,6 +130,8 @@ def _json_object(path: Path) -> dict[str, Any]:
 
 
 def check_adapter(folder: str | Path, target: str, max_lora_rank: int = 16) -> CheckResult:
+    """The adapter in `folder` held to every rule of `target` (one of TARGETS); max_lora_rank is the vLLM
+    --max-lora-rank it will be served with. FinetuneError for an unknown target or a folder that is not an adapter."""
     if target not in TARGETS:
         raise FinetuneError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
     facts = read_facts(folder, max_lora_rank)

@@ -5,6 +5,8 @@ import evaluate
 
 
 class Accuracy(evaluate.Metric):
+    """compute(predictions, references) over class ids -> {'accuracy': 0..1}; 0.0 for no examples."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

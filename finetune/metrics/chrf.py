@@ -29,6 +29,7 @@ def corpus_stats(predictions: list[str], references: list[str]) -> list[list[int
 
 
 def chrf_score(stats: list[list[int]]) -> float:
+    """chrF (beta 2) on 0..1 from corpus_stats' counts, precision and recall averaged over the orders both have."""
     factor = BETA**2
     avg_p = avg_r = 0.0
     effective = 0
@@ -45,6 +46,8 @@ def chrf_score(stats: list[list[int]]) -> float:
 
 
 class Chrf(evaluate.Metric):
+    """compute(predictions, references) over strings -> {'chrf': 0..1}, one corpus-level score (not a mean of rows)."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

@@ -6,6 +6,9 @@ import evaluate
 
 
 class ConfusionMatrix(evaluate.Metric):
+    """compute(predictions, references, labels=None) over class ids -> {'confusion_matrix', 'labels'}; a pair with a
+    class outside `labels` is not counted."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

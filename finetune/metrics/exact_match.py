@@ -9,6 +9,8 @@ from finetune.metrics._text import squeeze
 
 
 class ExactMatch(evaluate.Metric):
+    """compute(predictions, references) over strings -> {'exact_match': 0..1}; 0.0 for no examples."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

@@ -10,6 +10,8 @@ from finetune.metrics._text import parse_json, squeeze
 
 
 class JsonExactMatch(evaluate.Metric):
+    """compute(predictions, references) over strings -> {'json_exact_match': 0..1, 'json_valid': 0..1}."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

@@ -6,6 +6,7 @@ import evaluate
 
 
 def class_f1(predictions: list[int], references: list[int], label: int) -> float:
+    """F1 of class id `label`, 2tp / (2tp + fp + fn); 0 when it has no true positive."""
     tp = sum(p == label and r == label for p, r in zip(predictions, references, strict=True))
     fp = sum(p == label and r != label for p, r in zip(predictions, references, strict=True))
     fn = sum(p != label and r == label for p, r in zip(predictions, references, strict=True))
@@ -13,6 +14,8 @@ def class_f1(predictions: list[int], references: list[int], label: int) -> float
 
 
 class MacroF1(evaluate.Metric):
+    """compute(predictions, references, labels=None) over class ids -> {'macro_f1': 0..1}."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

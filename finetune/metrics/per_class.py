@@ -11,6 +11,9 @@ def _ratio(hits: int, total: int) -> float:
 
 
 class PerClass(evaluate.Metric):
+    """compute(predictions, references, labels=None) over class ids -> precision and recall per class (sorted class
+    order) and their macro means."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

@@ -8,6 +8,7 @@ from finetune.metrics._text import rouge_tokens
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two word lists."""
     # One row of the dynamic programme at a time: O(len(a) * len(b)) time, O(len(b)) memory.
     prev = [0] * (len(b) + 1)
     for x in a:
@@ -28,6 +29,8 @@ def _rouge_l(pred: str, ref: str) -> float:
 
 
 class RougeL(evaluate.Metric):
+    """compute(predictions, references) over strings -> {'rouge_l': 0..1}, the mean of per-example LCS F1."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

@@ -21,6 +21,8 @@ def _f1(pred: str, ref: str) -> float:
 
 
 class TokenF1(evaluate.Metric):
+    """compute(predictions, references) over strings -> {'token_f1': 0..1}, the mean of per-example F1."""
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

@@ -57,6 +57,7 @@ def use_segment_attention(model: Any) -> str | None:
 
 
 def restore_attention(model: Any, previous: str | None) -> None:
+    """Undo use_segment_attention: set back the implementation it returned (None: nothing to undo)."""
     if previous is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.set_attn_implementation(previous)

@@ -28,6 +28,8 @@ KIND = "gguf-import"
 
 @dataclass(frozen=True)
 class GgufFile:
+    """A GGUF file as the import cache knows it: resolved path, size and mtime (either changing means a new file)."""
+
     path: Path
     size: int
     mtime_ns: int
@@ -71,6 +73,7 @@ def gguf_folder(cfg: ModelConfig) -> Path:
 
 
 def is_imported(folder: Path, gguf: GgufFile, dtype: str) -> bool:
+    """Whether `folder` holds a finished import of exactly this file at `dtype` (its gguf_source.json stamp matches)."""
     stamp = folder / STAMP
     return stamp.is_file() and json.loads(stamp.read_text()) == gguf.stamp(dtype)
 

@@ -18,6 +18,8 @@ TEMPLATES_DIR = Path(__file__).parent / "templates"  # built-in chat templates (
 
 
 def load_tokenizer(source: Source, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of `source` (AutoTokenizer), with model.chat_template applied when set and a pad token chosen
+    (set_pad_token). Raises ModelError when the folder holds no loadable tokenizer."""
     from transformers import AutoTokenizer
 
     # AutoTokenizer, not a concrete class: a concrete fast class on a custom tokenizer silently gave other ids.
@@ -38,6 +40,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_chat_template(name_or_path: str) -> str:
+    """The Jinja text of model.chat_template (a .jinja file or a built-in name); ModelError naming the built-ins."""
     path = Path(name_or_path)
     if path.suffix == ".jinja" and path.is_file():
         return path.read_text(encoding="utf-8")

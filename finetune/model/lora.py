@@ -20,6 +20,9 @@ NEW_HEAD = "finetune_new_head"  # set by model.loading on a classifier whose hea
 
 @dataclass(frozen=True)
 class ParamReport:
+    """What training will update: trainable and total parameters, the LoRA-wrapped linear layers and their sum of
+    r*(d+k), and a note on a newly added classification head."""
+
     trainable: int
     total: int
     wrapped: int  # number of linear layers carrying LoRA
@@ -127,6 +130,7 @@ def autocast_lora_inputs(model: nn.Module) -> AbstractContextManager[Any]:
 
 
 def param_report(model: nn.Module) -> ParamReport:
+    """The ParamReport of `model`, counted from its parameters and its LoRA layers (none under full fine-tuning)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     wrapped, formula = 0, 0

@@ -57,6 +57,9 @@ class _Row:
 
 @dataclass
 class BatchStats:
+    """A snapshot of one continuous batch (served at /health): rows running and waiting, their limits, requests
+    served, tokens generated, decode steps, and whether the model thread is alive."""
+
     running: int
     waiting: int
     max_batch: int

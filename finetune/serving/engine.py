@@ -72,6 +72,9 @@ class Limits:
 
 @dataclass
 class AdapterCard:
+    """What the demo and server show about one entry (an adapter, a fully fine-tuned model, or the base): its base,
+    task, LoRA rank and alpha, prompt format, class names, and its training and eval results."""
+
     name: str
     base: str
     task: str

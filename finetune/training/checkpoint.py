@@ -91,10 +91,12 @@ def job_record(job: dict[str, Any], data_fingerprint: str, precision: str, effec
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
+    """A CPU copy of every trainable tensor (the LoRA weights and modules trained in full), by name."""
     return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: Any, state: dict[str, Any]) -> None:
+    """Copy a trainable_state into `model`; CheckpointMismatch unless it holds exactly the model's trainable tensors."""
     import torch
 
     check_trainable_fits(state, model, "checkpoint")
@@ -133,6 +135,7 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore the Python, numpy, torch and (when present) CUDA RNG states that rng_states recorded."""
     import numpy as np
     import torch
 

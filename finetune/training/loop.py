@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainResult:
+    """What a run did: steps, targets trained and throughput counters, time, losses, the best step and early stop,
+    the objective, and the model as accelerate prepared it (what save must gather)."""
+
     steps: int = 0
     tokens: int = 0  # target tokens (examples for classification), the whole run
     input_tokens: int = 0  # tokens the model read (padding excluded), this process's session
@@ -52,6 +55,8 @@ class TrainResult:
     unit: str = "tokens"  # what `tokens` counts: target tokens, or examples for a classifier (one label each)
 
     def metrics(self) -> dict[str, Any]:
+        """run.json's "metrics": last train loss, steps, targets trained (tokens, or examples for a classifier), the
+        last preference metrics, eval loss (and perplexity for sft), and the best step when validation picked one."""
         out: dict[str, Any] = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.steps,
                                self.unit: self.tokens, **self.last}
         if self.eval_loss is not None:
@@ -64,6 +69,8 @@ class TrainResult:
 
 
 def make_accelerator(cfg: TrainConfig, work: Path | None = None) -> Accelerator:
+    """The Accelerator for train.precision and train.trackers, trackers writing under `work`. Raises FinetuneError for
+    a precision this machine cannot run, or when not every launched process joined."""
     if cfg.trackers and work is not None:
         tracker_setup(list(cfg.trackers), work)
     return _make_accelerator(cfg.precision, list(cfg.trackers), str(work) if work else None)
@@ -82,6 +89,8 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Acc
 
 
 def total_steps(cfg: TrainConfig, size: int | None, world: int) -> int:
+    """Optimizer steps of the run: train.max_steps, else epochs over `size` examples at the effective batch (micro
+    batch x accumulation x `world` processes), at least 1. FinetuneError for a stream (size None) without max_steps."""
     if cfg.max_steps:
         return cfg.max_steps
     if size is None:
@@ -97,6 +106,7 @@ def is_sized(dataset: Any) -> bool:
 
 
 def setup_model(model: Any, cfg: TrainConfig) -> None:
+    """Turn on gradient checkpointing when train.gradient_checkpointing asks (non-reentrant; KV cache off)."""
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing gives gradients to LoRA weights even though the frozen inputs need none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -139,6 +139,9 @@ def _sigmoid_loss(logits: Any, beta: float, smoothing: float) -> Any:
 
 
 class Dpo(Preference):
+    """DPO: the sigmoid loss of the chosen-minus-rejected log-ratio against a frozen reference: the base (adapter
+    off), or a frozen copy of the starting adapter when the run continues one."""
+
     name = "dpo"
 
     def __init__(self, beta: float, label_smoothing: float, start_adapter: str | None):
@@ -202,6 +205,8 @@ class Dpo(Preference):
 
 
 class SimPO(Preference):
+    """SimPO: the sigmoid loss of the length-normalised log-probability margin less gamma / beta; no reference model."""
+
     name = "simpo"
 
     def __init__(self, beta: float, gamma: float, label_smoothing: float):
@@ -217,6 +222,9 @@ class SimPO(Preference):
 
 
 class Orpo(Preference):
+    """ORPO: the chosen answers' NLL (per answer token) minus lambda times the mean log-sigmoid of the log odds ratio;
+    no reference model."""
+
     name = "orpo"
     size = 3  # + chosen answer tokens, the NLL's normaliser
 

@@ -26,6 +26,9 @@ RELAUNCHED = "FINETUNE_RELAUNCHED"
 
 
 def make_accelerator(precision: str, trackers: list[str] | None = None, project_dir: str | None = None) -> Accelerator:
+    """This process's Accelerator at `precision` (train.precision), in CPU mode for a multi-process CPU run.
+
+    Raises FinetuneError for a precision this machine cannot run, or when fewer processes joined than were launched."""
     import torch
     from accelerate import Accelerator
 
@@ -58,6 +61,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def cpu_bf16() -> bool:
+    """Whether this CPU computes in bf16 (oneDNN's check); False when torch cannot tell."""
     import torch
 
     try:

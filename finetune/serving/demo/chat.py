@@ -25,6 +25,7 @@ Turns = list[dict[str, Any]]
 
 
 def chat_tab(page: Page) -> None:
+    """Build the Chat tab on `page` and wire its Send, Stop, Retry, Undo and Clear buttons."""
     import gradio as gr
 
     with gr.Tab("Chat", id="chat") as tab:

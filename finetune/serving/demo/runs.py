@@ -95,6 +95,8 @@ class Stops:
 
 @dataclass
 class Outcome:
+    """How a streamed answer ended: tokens generated, seconds taken, and why (stop, length or cancelled)."""
+
     tokens: int
     seconds: float
     reason: str  # stop | length | cancelled
@@ -137,6 +139,8 @@ def answer_tokens(engine: Engine, name: str, text: str, max_new: int) -> int:
 
 
 def finish_reason(engine: Engine, tokens: int, max_new: int, cancelled: bool) -> str:
+    """Why a run ended: "cancelled" (Stop was pressed), "length" (`tokens` reached the request's maximum, capped by
+    the server's limit) or "stop"."""
     if cancelled:
         return "cancelled"
     return "length" if tokens >= min(max_new, engine.limits.max_new_tokens) else "stop"

@@ -27,6 +27,7 @@ NO_REFERENCE = "(pick an example to see its reference answer)"
 
 
 def generate_tab(page: Page) -> None:
+    """Build the Generate tab on `page`: one prompt, the answer streamed, then its status line."""
     import gradio as gr
 
     engine = page.engine
@@ -57,6 +58,8 @@ def generate_tab(page: Page) -> None:
 
 
 def compare_tab(page: Page) -> None:
+    """Build the Compare tab on `page`: one prompt answered by the base and by the adapter with the same settings and
+    seed, beside the example's reference answer."""
     import gradio as gr
 
     engine = page.engine
@@ -105,6 +108,7 @@ def compare_tab(page: Page) -> None:
 
 
 def classify_tab(page: Page) -> None:
+    """Build the Classify tab on `page`: a text in, the probability of each class out."""
     import gradio as gr
 
     engine = page.engine

@@ -36,6 +36,8 @@ class Page:
 
 @dataclass
 class PromptArea:
+    """The components prompt_area builds: system prompt box, prompt box, token counter and example prompts."""
+
     system: Any
     prompt: Any
     counter: Any
@@ -84,6 +86,7 @@ def prompt_area(page: Page, tab: str, label: str, lines: int, placeholder: str, 
 
 
 def run_buttons(go_label: str, tab: str) -> tuple[Any, Any]:
+    """A tab's run button labelled `go_label` and its Stop button (disabled until a run starts): (go, stop)."""
     import gradio as gr
 
     with gr.Row():
@@ -93,6 +96,7 @@ def run_buttons(go_label: str, tab: str) -> tuple[Any, Any]:
 
 
 def warning_box(tab: str) -> Any:
+    """The tab's inline warning, hidden until show_warning fills it."""
     import gradio as gr
 
     return gr.Markdown(visible=False, elem_id=f"{tab}-warning", elem_classes=["inline-warning"])
@@ -106,12 +110,14 @@ def show_warning(text: str) -> Any:
 
 
 def hide_warning() -> Any:
+    """The update that hides a tab's inline warning."""
     import gradio as gr
 
     return gr.Markdown(visible=False)
 
 
 def status_line(tab: str) -> Any:
+    """The line under a tab's output that shows how the finished run went."""
     import gradio as gr
 
     return gr.Markdown("", elem_id=f"{tab}-status", elem_classes=["status-line"])
