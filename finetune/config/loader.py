@@ -28,10 +28,20 @@ SYNONYMS = {
 }
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> JobConfig:
+# Keys that earlier versions of finetune accepted and wrote into an adapter's finetune.yaml, and that no longer exist.
+# A saved job (`saved=True`) still loads without them (none changed the trained weights); a job being written gets
+# told to remove the key instead of a bare "unknown key".
+RETIRED_KEYS = {
+    "train.num_workers": "removed in finetune 0.1 (examples are collated in the training process); delete the line",
+}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True,
+                saved: bool = False) -> JobConfig:
     """Parse, override and validate a job file; raises ConfigError listing every problem at once.
 
-    check_files=False skips the data-file existence check (for reading the config saved with an adapter)."""
+    check_files=False skips the data-file existence check and saved=True drops RETIRED_KEYS (both for reading the
+    job saved with an adapter, possibly by an older finetune)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(str(path), [ConfigProblem("", f"{path.resolve()} is a folder; give the job YAML file")])
@@ -48,11 +58,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     if "\x00" in text:
         raise ConfigError(str(path), [ConfigProblem("", "not a text file: it contains NUL bytes", 1,
                                                     "give the job YAML (a UTF-8 text file), e.g. configs/tiny.yaml")])
-    return load_config_text(text, str(path), overrides, check_files)
+    return load_config_text(text, str(path), overrides, check_files, saved)
 
 
 def load_config_text(
-    text: str, source: str = "<config>", overrides: list[str] | tuple[str, ...] = (), check_files: bool = True
+    text: str, source: str = "<config>", overrides: list[str] | tuple[str, ...] = (), check_files: bool = True,
+    saved: bool = False,
 ) -> JobConfig:
     """`load_config` on YAML text already read; `source` names it in the problems (as the file would).
 
@@ -68,7 +79,7 @@ def load_config_text(
     if not isinstance(raw, dict):
         raise ConfigError(source, [ConfigProblem("", f"expected a mapping of sections, got {type(raw).__name__}", 1)])
     lines = _line_index(node)
-    problems = _duplicate_keys(node)
+    problems = _duplicate_keys(node) + _retired_keys(raw, lines, drop=saved)
     problems += [p for o in overrides for p in _apply_override(raw, o)]
     cfg = None
     try:
@@ -83,6 +94,20 @@ def load_config_text(
         raise ConfigError(source, problems)
     assert cfg is not None
     return cfg
+
+
+def _retired_keys(raw: dict[str, Any], lines: dict[str, int], drop: bool) -> list[ConfigProblem]:
+    """Drop RETIRED_KEYS from a saved job; in a job being written, one problem per retired key found."""
+    problems = []
+    for dotted, why in RETIRED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            if drop:
+                del raw[section][key]
+            else:
+                problems.append(ConfigProblem(dotted, f"this key was {why}", lines.get(dotted)))
+                del raw[section][key]  # reported once, here, not again as an unknown key
+    return problems
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> list[ConfigProblem]:

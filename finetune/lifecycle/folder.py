@@ -104,7 +104,8 @@ def read_adapter(folder: str | Path) -> AdapterInfo:
     if (folder / "run.json").is_file():
         info.run = _json_object(folder / "run.json")
     if (folder / "finetune.yaml").is_file():
-        info.job = load_config(folder / "finetune.yaml", check_files=False)  # data files need not exist any more
+        # data files need not exist any more, and a job saved by an older finetune may hold retired keys
+        info.job = load_config(folder / "finetune.yaml", check_files=False, saved=True)
     return info
 
 
