@@ -221,11 +221,11 @@ def report(r: dict[str, Any]) -> None:
     d, p, s = r["demo"], r["pipeline_merged"], r["server"]
     print(f"\n{r['model']}, {r['threads']} threads; adapter made + demo loaded in {r['prepare_s']} s")
     print(f"{'':32}{'TTFT (median)':>16}{'tokens/s (median)':>19}{'tokens':>8}")
-    print(f"{'demo (PeftModel + streamer)':32}{d['ttft_s'] * 1000:>13.0f} ms{d['tokens_per_s']:>19.1f}{d['tokens']:>8}")
+    print(f"{'demo (finetune.serving.engine)':32}{d['ttft_s'] * 1000:>13.0f} ms{d['tokens_per_s']:>19.1f}{d['tokens']:>8}")
     print(f"{'pipeline on merged model':32}{p['ttft_s'] * 1000:>13.0f} ms{p['tokens_per_s']:>19.1f}{p['tokens']:>8}")
     print(f"{'ratio demo / pipeline':32}{r['ratio_ttft']:>16.2f}{r['ratio_tokens_per_s']:>19.2f}")
     print(f"server: {s['served']}/{s['clients']} concurrent clients served, {len(s['errors'])} errors, "
-          f"wall {s['wall_s']:.1f} s, latency {s['latency_min_s']:.1f}-{s['latency_max_s']:.1f} s (queued, concurrency 1)")
+          f"wall {s['wall_s']:.1f} s, latency {s['latency_min_s']:.1f}-{s['latency_max_s']:.1f} s (finetune demo default --concurrency 1: queued)")
     for e in s["errors"]:
         print("  error:", e)
 
