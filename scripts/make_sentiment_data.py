@@ -12,10 +12,10 @@ negated ("was not good" is negative), so spotting a positive word is not enough.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import sys
 from pathlib import Path
+
+from make_task_data import write_splits  # scripts/ is on sys.path when a script in it runs
 
 SEED = 17
 N_TRAIN, N_TEST = 800, 200
@@ -95,26 +95,12 @@ def check_disjoint() -> None:
     assert not set(TRAIN_TEMPLATES + TRAIN_NEGATED) & set(TEST_TEMPLATES + TEST_NEGATED), "a template is in both splits"
 
 
-def render(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for train.jsonl and test.jsonl.")
     parser.add_argument("--check", action="store_true", help="Only compare with the files on disk.")
     args = parser.parse_args(argv)
-    for split, rows in build().items():
-        path = args.out / f"{split}.jsonl"
-        if args.check:
-            if not path.is_file() or path.read_text(encoding="utf-8") != render(rows):
-                print(f"{path} differs from what {Path(__file__).name} generates; rerun it", file=sys.stderr)
-                return 1
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(rows), encoding="utf-8")
-        print(f"wrote {len(rows)} rows to {path}")
-    return 0
+    return write_splits(build(), args.out, args.check, Path(__file__).name)
 
 
 if __name__ == "__main__":

@@ -144,23 +144,28 @@ def render(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT, help="Folder for train.jsonl and test.jsonl.")
-    parser.add_argument("--check", action="store_true", help="Only compare with the files on disk.")
-    args = parser.parse_args(argv)
-    splits = build()
+def write_splits(splits: dict[str, list[dict]], out: Path, check: bool, script: str) -> int:
+    """Write each split to out/<split>.jsonl, or (check) only compare with the files there: 1 when one differs.
+    Shared by the seeded data generators in scripts/."""
     for split, rows in splits.items():
-        path = args.out / f"{split}.jsonl"
-        if args.check:
+        path = out / f"{split}.jsonl"
+        if check:
             if not path.is_file() or path.read_text(encoding="utf-8") != render(rows):
-                print(f"{path} differs from what {Path(__file__).name} generates; rerun it", file=sys.stderr)
+                print(f"{path} differs from what {script} generates; rerun it", file=sys.stderr)
                 return 1
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(rows), encoding="utf-8")
         print(f"wrote {len(rows)} rows to {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT, help="Folder for train.jsonl and test.jsonl.")
+    parser.add_argument("--check", action="store_true", help="Only compare with the files on disk.")
+    args = parser.parse_args(argv)
+    return write_splits(build(), args.out, args.check, Path(__file__).name)
 
 
 if __name__ == "__main__":
