@@ -480,3 +480,13 @@ def test_quickstart_served_through_openai_scores_what_eval_scores(tmp_path: Path
     evaluated = report["metrics"]["json_exact_match"]["adapter"]
     print(f"json_exact_match: served {served:.4f}, finetune eval {evaluated:.4f} on {len(rows)} rows")
     assert served == pytest.approx(evaluated, abs=1e-9)
+
+
+def test_any_integer_seed_is_accepted(engine: Engine, client: Any) -> None:
+    """torch's generator takes 0 <= seed < 2**64: larger or negative seeds are taken modulo 2**64, not a crash."""
+    def sampled(seed: int) -> str | None:
+        return last(engine.generate(BASE, "name: alice", GenerationParams(max_new_tokens=6, temperature=1.0, seed=seed)))
+
+    assert sampled(7 + 2**64) == sampled(7) and sampled(-1) == sampled(2**64 - 1)
+    answer = chat(client, "greeter", "name: bob", temperature=1.0, seed=2**70, max_tokens=4)
+    assert answer.choices[0].finish_reason in ("stop", "length")
