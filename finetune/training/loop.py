@@ -83,9 +83,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, accelerator: Acc
     `start_files` (name -> text, e.g. the resolved job) once the run has started: a run refused before its first step
     (a checkpoint that does not match) writes nothing. `start_adapter`: the adapter folder the model's LoRA weights
     were loaded from (DPO's reference is then that adapter, frozen, instead of the base)."""
-    loop = _Loop(model, data, cfg, accelerator, out_dir, hparams or {}, start_adapter)
-    loop.start_files = start_files or {}
-    return loop.run()
+    return _Loop(model, data, cfg, accelerator, out_dir, hparams or {}, start_adapter, start_files or {}).run()
 
 
 def total_steps(cfg: TrainConfig, size: int | None, world: int) -> int:
@@ -132,12 +130,12 @@ class _Sft:
 
 class _Loop:
     def __init__(self, model: Any, data: Any, cfg: TrainConfig, acc: Any, work: Path, hparams: dict[str, Any],
-                 start_adapter: str | None = None):
+                 start_adapter: str | None = None, start_files: dict[str, str] | None = None):
         import torch
         from transformers import get_scheduler
 
         self.cfg, self.acc, self.data, self.work = cfg, acc, data, work
-        self.start_files: dict[str, str] = {}  # written into `work` when the run starts (see train)
+        self.start_files = start_files or {}  # written into `work` when the run starts (see train)
         if cfg.eval_every and not data.validation:
             raise FinetuneError("train.eval_every needs validation data: set data.validation (or data.val_size)")
         setup_model(model, cfg)
